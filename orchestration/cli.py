@@ -1,0 +1,79 @@
+"""`instructray`: the command line. Each stage is a module under orchestration/stages."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from rlhf.config import ConfigError, load_config
+
+# name -> (module with run(cfg, resume=...), one-line description). Order = pipeline order.
+STAGES = {
+    "pretrain": ("orchestration.stages.pretrain", "stage 0: pretrain the tiny base model (tiny only)"),
+    "sft": ("orchestration.stages.sft", "stage 1: supervised fine-tuning on demonstrations"),
+    "rm": ("orchestration.stages.rm", "stage 2: reward model on K-way rankings"),
+    "ppo": ("orchestration.stages.ppo", "stage 3: PPO-ptx against the reward model"),
+    "eval": ("orchestration.stages.evaluate", "win rates, RM score, KL and LM loss; writes report.md"),
+}
+COMMANDS = {
+    "run": ("orchestration.pipeline", "the whole pipeline: stages 0-3 and the evaluation"),
+    **STAGES,
+    "serve": ("orchestration.serve.app", "OpenAI-compatible Ray Serve endpoint for a policy"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="instructray",
+        description="The InstructGPT recipe (SFT -> reward model -> PPO-ptx) on Ray.",
+        epilog="CONFIG is a YAML file or a preset name (tiny, instructgpt-1.3b, -6b, -175b); "
+               "default: configs/tiny.yaml. Overrides are key.sub=value, e.g. ppo.kl_coef=0.01.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "serve":
+            p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT",
+                           help="a run directory (serves its final policy) or an HF checkpoint dir")
+        p.add_argument("args", nargs="*", metavar="CONFIG|key=value",
+                       help="optional config file or preset, then overrides")
+        p.add_argument("--dry-run", action="store_true",
+                       help="print the resource plan and batch geometry; start nothing")
+        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    return parser
+
+
+def split_config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
+    config = None
+    overrides = []
+    for i, a in enumerate(args):
+        if "=" in a:
+            overrides.append(a)
+        elif i == 0:
+            config = a
+        else:
+            raise ConfigError(f"{a!r}: expected key.sub=value (the config file must come first)")
+    return config, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config, overrides = split_config_and_overrides(ns.args)
+        cfg = load_config(config, overrides, check_files=not ns.dry_run)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if ns.dry_run:
+        from orchestration.plan import describe_plan
+        print(describe_plan(cfg, ns.command))
+        return 0
+    module = importlib.import_module(COMMANDS[ns.command][0])
+    kwargs = {"target": ns.target} if ns.command == "serve" else {"resume": ns.resume}
+    module.main(cfg, **kwargs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

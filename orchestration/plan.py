@@ -1,0 +1,51 @@
+"""The resource plan and batch geometry, printed by `--dry-run` before anything starts."""
+from __future__ import annotations
+
+from rlhf.config import Config
+
+
+def actor_groups(cfg: Config) -> list[tuple[str, int, float, int]]:
+    """(role, count, cpus each, gpus each) for the PPO stage's actor groups."""
+    gpu = cfg.resources.num_gpus > 0
+    tp = cfg.resources.gpus_per_generator if gpu else 0
+    one = 1 if gpu else 0
+    return [
+        ("rollout generator", cfg.ppo.num_generators, 1.0, tp),
+        ("reward scorer", 1, 1.0, one),
+        ("reference scorer", 1, 1.0, one),
+        ("critic learner", cfg.ppo.num_learners, 1.0, one),
+        ("policy learner", cfg.ppo.num_learners, 1.0, one),
+    ]
+
+
+def describe_plan(cfg: Config, command: str = "run") -> str:
+    p = cfg.ppo
+    lines = [f"config: {cfg.source}", f"command: {command}", f"output: {cfg.run.output_dir}", ""]
+    lines.append("stages: " + ", ".join(
+        s for s, on in (("pretrain", cfg.pretrain.enabled), ("sft", cfg.sft.enabled),
+                        ("ppo_init_sft", cfg.ppo_init_sft.enabled), ("rm", cfg.rm.enabled),
+                        ("ppo", p.enabled), ("ppo (no ptx, for comparison)", p.enabled and p.compare_ptx),
+                        ("eval", True)) if on))
+    lines += [
+        "",
+        "PPO batch geometry:",
+        f"  {p.episodes} episodes = {cfg.ppo_iterations} iterations x {p.batch_size} episodes",
+        f"  {p.batch_size // p.minibatch_size} minibatches of {p.minibatch_size} x {p.ppo_epochs} epoch(s)"
+        f" = {p.batch_size // p.minibatch_size * p.ppo_epochs} optimizer steps per iteration",
+        f"  per learner: {p.minibatch_size // p.num_learners} episodes per minibatch"
+        f" ({p.num_learners} learners)",
+        f"  ptx: {p.ptx_ratio * p.minibatch_size} pretraining sequences per minibatch, coef {p.ptx_coef}",
+        f"  KL beta {p.kl_coef}, clip {p.clip_ratio}, GAE gamma {p.gamma} lambda {p.lam},"
+        f" EMA {p.ema_decay}, T {p.temperature}",
+        "",
+        f"PPO actor groups (engine {p.engine}):",
+        f"  {'role':<20}{'count':>6}{'cpus':>6}{'gpus':>6}",
+    ]
+    total_gpus = 0
+    for role, n, cpus, gpus in actor_groups(cfg):
+        lines.append(f"  {role:<20}{n:>6}{cpus:>6.1f}{gpus:>6}")
+        total_gpus += n * gpus
+    have = cfg.resources.num_gpus
+    lines.append(f"  GPUs needed: {total_gpus}; configured: {have}"
+                 + ("" if total_gpus <= have or cfg.resources.colocate else "  <-- not enough"))
+    return "\n".join(lines)

@@ -1,0 +1,349 @@
+"""One typed config for every stage, loaded from YAML with `key.sub=value` overrides.
+
+Errors are `ConfigError`s whose message is one line per problem naming the file,
+the field and the value, e.g.
+`configs/tiny.yaml: ppo.minibatch_size = 48: ppo.batch_size (512) must be divisible by it`.
+Field checks are pydantic's; geometry checks that involve several fields live in
+`check_geometry` so each names the field a user should change.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRESETS_DIR = REPO_ROOT / "configs"
+DEFAULT_PRESET = PRESETS_DIR / "tiny.yaml"
+
+
+class ConfigError(ValueError):
+    """A config problem; str() is one line per problem, each naming the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = "tiny"
+    output_dir: str = "runs/tiny"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TinyModelConfig(_Section):
+    """Shape of the factory-built GPT-2 used when `model.policy` is "tiny"."""
+    vocab_size: int = Field(1024, ge=300)
+    n_layer: int = Field(2, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_embd: int = Field(128, ge=8)
+    n_positions: int | None = Field(None, ge=16)  # None = model.context_length
+
+
+class ModelConfig(_Section):
+    # "tiny": built locally by rlhf.tiny in stage 0. Otherwise an HF directory
+    # (or a hub name, for users who are online).
+    policy: str = "tiny"
+    # Base for the reward model; null = initialise it from the SFT model (the
+    # paper reports SFT init gives results similar to a fine-tuned GPT-3 init).
+    reward: str | None = None
+    tiny: TinyModelConfig = TinyModelConfig()
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+    context_length: int = Field(2048, ge=16)
+    max_prompt_tokens: int = Field(1024, ge=1)
+    max_response_tokens: int = Field(1024, ge=1)
+
+
+class OptimizerConfig(_Section):
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(None, gt=0)
+
+
+class SyntheticDataConfig(_Section):
+    seed: int = 0
+    labeler_agreement: float = Field(0.73, gt=0.5, le=1.0)
+    demo_noise: float = Field(0.3, ge=0, le=1)
+    families: list[str] | None = None
+    num_demonstrations: int = Field(2000, ge=1)
+    num_comparisons: int = Field(1000, ge=1)
+    k_min: int = Field(4, ge=2, le=9)
+    k_max: int = Field(9, ge=2, le=9)
+    num_prompts: int = Field(31000, ge=1)
+    num_pretrain_docs: int = Field(5000, ge=1)
+    num_eval_prompts: int = Field(200, ge=1)
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "files"] = "synthetic"
+    synthetic: SyntheticDataConfig = SyntheticDataConfig()
+    # For source "files": local JSON/JSONL/CSV/parquet or hub names (docs/data_formats.md).
+    demonstrations: str | None = None
+    comparisons: str | None = None
+    prompts: str | None = None
+    pretrain_text: str | None = None
+
+
+class PretrainConfig(_Section):
+    """Stage 0: causal-LM pretraining of the tiny base model (tiny only)."""
+    enabled: bool = False
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    seq_len: int = Field(128, ge=8)
+    lr: float = Field(1e-3, gt=0)
+    final_lr_fraction: float = Field(0.1, ge=0, le=1)
+    num_workers: int = Field(1, ge=1)
+
+
+class SFTConfig(_Section):
+    enabled: bool = True
+    epochs: int = Field(16, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(9.65e-6, gt=0)
+    final_lr_fraction: float = Field(0.1, ge=0, le=1)
+    resid_pdrop: float = Field(0.2, ge=0, lt=1)
+    # Fraction of each batch drawn from pretraining text (the PPO-init SFT uses 10%).
+    ptx_fraction: float = Field(0.0, ge=0, lt=1)
+    # Paper: the final SFT model is chosen by RM score on a validation set.
+    select_by_rm: bool = True
+    num_workers: int = Field(1, ge=1)
+
+
+class RMConfig(_Section):
+    enabled: bool = True
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(64, ge=1)  # prompts per batch, each with its K completions
+    lr: float = Field(9e-6, gt=0)
+    final_lr_fraction: float = Field(0.1, ge=0, le=1)
+    normalize: bool = True  # bias so labeler demonstrations score 0 on average
+    num_workers: int = Field(1, ge=1)
+
+
+class PPOConfig(_Section):
+    enabled: bool = True
+    episodes: int = Field(256_000, ge=1)
+    batch_size: int = Field(512, ge=1)
+    minibatch_size: int = Field(64, ge=1)
+    ppo_epochs: int = Field(1, ge=1)
+    lr: float = Field(9.65e-6, gt=0)
+    critic_lr: float = Field(9e-6, gt=0)
+    warmup_iterations: int = Field(10, ge=0)
+    warmup_start_fraction: float = Field(0.1, gt=0, le=1)
+    ema_decay: float = Field(0.992, ge=0, lt=1)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_ratio: float = Field(0.2, gt=0)
+    value_clip: float = Field(0.2, gt=0)
+    kl_coef: float = Field(0.02, ge=0)
+    ptx_coef: float = Field(27.8, ge=0)  # 0 = plain PPO (the paper's "PPO")
+    ptx_ratio: int = Field(8, ge=0)  # pretraining examples per RL episode
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    # Also train plain PPO (ptx_coef=0) for the report's PPO vs PPO-ptx comparison.
+    compare_ptx: bool = True
+    engine: Literal["hf", "vllm"] = "hf"
+    num_generators: int = Field(1, ge=1)
+    num_learners: int = Field(1, ge=1)
+    checkpoint_every: int = Field(10, ge=1)
+    async_rollouts: bool = False
+    max_restarts: int = Field(3, ge=0)
+    max_nonfinite_steps: int = Field(3, ge=1)
+    # Bound on prompt+response tokens per generation call (out-of-memory guard).
+    generation_token_budget: int = Field(65536, ge=1)
+
+
+class ResourcesConfig(_Section):
+    num_cpus: float | None = Field(None, gt=0)  # None = what Ray sees
+    num_gpus: int = Field(0, ge=0)
+    gpus_per_generator: int = Field(1, ge=1)  # tensor parallel size of one vLLM engine
+    colocate: bool = False
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: str | None = None  # or env INSTRUCTRAY_API_KEY
+    num_replicas: int = Field(1, ge=1)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_tokens_limit: int = Field(256, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+
+
+class EvalConfig(_Section):
+    num_prompts: int = Field(200, ge=1)
+    num_pretrain_docs: int = Field(200, ge=1)
+
+
+class Config(_Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    data: DataConfig = DataConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    sft: SFTConfig = SFTConfig()
+    ppo_init_sft: SFTConfig = SFTConfig(
+        enabled=False, epochs=2, lr=5e-6, ptx_fraction=0.1, select_by_rm=False)
+    rm: RMConfig = RMConfig()
+    ppo: PPOConfig = PPOConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    serve: ServeConfig = ServeConfig()
+    eval: EvalConfig = EvalConfig()
+    # Where this config was loaded from (for messages); not a user field.
+    source: str = Field("<defaults>", exclude=True)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir)
+
+    @property
+    def ppo_iterations(self) -> int:
+        return self.ppo.episodes // self.ppo.batch_size
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`ppo.kl_coef=0.05` -> ("ppo.kl_coef", 0.05); values are YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({e})") from None
+    return key, value
+
+
+def _lookup(tree: Any, loc: tuple) -> Any:
+    for part in loc:
+        if isinstance(tree, dict) and part in tree:
+            tree = tree[part]
+        else:
+            return "<missing>"
+    return tree
+
+
+def _format_errors(err: ValidationError, raw: dict, source: str, overridden: set[str]) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"])
+        origin = "command line" if field in overridden else source
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{origin}: {field}: unknown key")
+            continue
+        value = _lookup(raw, tuple(e["loc"]))
+        lines.append(f"{origin}: {field} = {value!r}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def resolve_preset(path: str | Path | None) -> Path:
+    """A path as given, or a preset name such as "tiny" / "instructgpt-1.3b"."""
+    if path is None:
+        return DEFAULT_PRESET
+    p = Path(path)
+    if p.exists():
+        return p
+    for candidate in (PRESETS_DIR / p, PRESETS_DIR / f"{p}.yaml"):
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"{path}: config file not found (presets: "
+                      f"{', '.join(sorted(q.stem for q in PRESETS_DIR.glob('*.yaml')))})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                check_files: bool = False) -> Config:
+    """Load a preset or YAML file, apply overrides, validate fields and geometry."""
+    file = resolve_preset(path)
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{file}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: top level must be a mapping of sections")
+    overridden = set()
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+        overridden.add(key)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, raw, str(file), overridden)) from None
+    cfg.source = str(file)
+    problems = check_geometry(cfg, check_files=check_files)
+    if problems:
+        raise ConfigError("\n".join(
+            f"{'command line' if field in overridden else file}: {field} = "
+            f"{_field_value(cfg, field)!r}: {msg}" for field, msg in problems))
+    return cfg
+
+
+def _field_value(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def check_geometry(cfg: Config, check_files: bool = True) -> list[tuple[str, str]]:
+    """Checks across fields; each problem names the field to change."""
+    p: list[tuple[str, str]] = []
+    ppo, m = cfg.ppo, cfg.model
+    if ppo.batch_size % ppo.minibatch_size:
+        p.append(("ppo.minibatch_size", f"ppo.batch_size ({ppo.batch_size}) must be divisible by it"))
+    if ppo.minibatch_size % ppo.num_learners:
+        p.append(("ppo.num_learners", f"ppo.minibatch_size ({ppo.minibatch_size}) must be divisible by it"))
+    if ppo.episodes < ppo.batch_size:
+        p.append(("ppo.episodes", f"fewer than one batch of {ppo.batch_size} episodes"))
+    if m.max_prompt_tokens + m.max_response_tokens > m.context_length:
+        p.append(("model.max_response_tokens",
+                  f"prompt ({m.max_prompt_tokens}) + response tokens exceed the context ({m.context_length})"))
+    if m.policy == "tiny" and m.tiny.n_positions and m.context_length > m.tiny.n_positions:
+        p.append(("model.context_length", f"exceeds the tiny model's n_positions ({m.tiny.n_positions})"))
+    if m.policy == "tiny" and m.tiny.n_embd % m.tiny.n_head:
+        p.append(("model.tiny.n_head", f"model.tiny.n_embd ({m.tiny.n_embd}) must be divisible by it"))
+    syn = cfg.data.synthetic
+    if syn.k_min > syn.k_max:
+        p.append(("data.synthetic.k_min", f"greater than data.synthetic.k_max ({syn.k_max})"))
+    for stage in ("sft", "ppo_init_sft", "rm", "pretrain"):
+        sc = getattr(cfg, stage)
+        if sc.batch_size % sc.num_workers:
+            p.append((f"{stage}.num_workers", f"{stage}.batch_size ({sc.batch_size}) must be divisible by it"))
+    if ppo.engine == "vllm" and cfg.run.device == "cpu":
+        p.append(("ppo.engine", "vllm needs GPUs; use engine hf on the CPU"))
+    if cfg.data.source == "files":
+        for field in ("demonstrations", "comparisons", "prompts", "pretrain_text"):
+            value = getattr(cfg.data, field)
+            if value is None:
+                p.append((f"data.{field}", "required when data.source is files"))
+            elif check_files and _looks_local(value) and not Path(value).exists():
+                p.append((f"data.{field}", f"file not found: {value}"))
+    return p
+
+
+def _looks_local(value: str) -> bool:
+    """Hub names look like `org/name`; local files have a known suffix or exist."""
+    return Path(value).suffix in {".json", ".jsonl", ".csv", ".parquet", ".gz", ".txt"} \
+        or value.startswith((".", "/"))
