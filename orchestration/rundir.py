@@ -1,0 +1,119 @@
+"""The run directory: where each stage puts its model, metrics, config and checkpoints.
+
+    <output_dir>/config.yaml          the resolved config of the run
+    <output_dir>/<stage>/final/       the stage's HF-format result (written last)
+    <output_dir>/<stage>/checkpoints/ resumable state, one folder per save
+    <output_dir>/<stage>/metrics.jsonl and tb/ (TensorBoard)
+
+Checkpoints are written into a temporary sibling and renamed into place, so a
+crash mid-write never leaves a folder that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from rlhf.config import Config
+
+COMPLETE = "COMPLETE"  # marker file written inside a checkpoint as its last act
+
+
+class StageDir:
+    def __init__(self, root: str | Path, stage: str):
+        self.root = Path(root)
+        self.path = self.root / stage
+        self.final = self.path / "final"
+        self.checkpoints = self.path / "checkpoints"
+        self.metrics_file = self.path / "metrics.jsonl"
+        self.tb_dir = self.path / "tb"
+
+    def is_done(self) -> bool:
+        return (self.final / COMPLETE).exists()
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint (half-written ones are ignored)."""
+        if not self.checkpoints.exists():
+            return None
+        done = [p for p in self.checkpoints.iterdir()
+                if p.is_dir() and not p.name.startswith(".") and (p / COMPLETE).exists()]
+        return max(done, key=lambda p: int(p.name.split("_")[-1]), default=None)
+
+    def save_checkpoint(self, step: int, write: Callable[[Path], None], keep: int = 2) -> Path:
+        target = self.checkpoints / f"step_{step:08d}"
+        atomic_write_dir(target, write)
+        for old in sorted(p for p in self.checkpoints.iterdir()
+                          if p.is_dir() and not p.name.startswith("."))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def save_final(self, write: Callable[[Path], None]) -> Path:
+        atomic_write_dir(self.final, write)
+        return self.final
+
+
+def atomic_write_dir(target: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) fills a temporary folder; then COMPLETE is added and it is renamed to target."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    (tmp / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+    _fsync_dir(tmp)
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+class MetricsLogger:
+    """Appends one JSON line per record and mirrors scalars to TensorBoard."""
+
+    def __init__(self, stage_dir: StageDir, tensorboard: bool = True):
+        stage_dir.path.mkdir(parents=True, exist_ok=True)
+        self._file = open(stage_dir.metrics_file, "a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(stage_dir.tb_dir))
+
+    def log(self, step: int, **metrics) -> None:
+        record = {"step": step, "time": time.time(), **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_run_config(cfg: Config) -> Path:
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.output_dir / "config.yaml"
+    path.write_text(f"# resolved from {cfg.source}\n" + cfg.to_yaml())
+    return path
