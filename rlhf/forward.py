@@ -1,0 +1,38 @@
+"""Per-token forward passes with the alignment of rlhf/experience.py.
+
+Positions come from the attention mask, so left-padded prompts (as generators
+produce them) give the same numbers as unpadded ones.
+"""
+from __future__ import annotations
+
+import torch
+
+from rlhf.losses import entropy_from_logits, logprobs_from_logits
+from rlhf.models import ScalarModel, position_ids_from_mask
+
+
+def policy_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask)).logits
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   with_entropy: bool = False):
+    """[B, T] log pi(token_t | <t) (0 at t=0); optionally also the entropy at each t."""
+    logits = policy_logits(model, input_ids, attention_mask)[:, :-1]
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    out[:, 1:] = logprobs_from_logits(logits, input_ids[:, 1:])
+    if not with_entropy:
+        return out
+    ent = torch.zeros_like(out)
+    ent[:, 1:] = entropy_from_logits(logits)
+    return out, ent
+
+
+def token_values(critic: ScalarModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                 ) -> torch.Tensor:
+    """[B, T] V(state before token_t): the head read at t-1 (0 at t=0)."""
+    head = critic.values(input_ids, attention_mask)
+    out = torch.zeros_like(head)
+    out[:, 1:] = head[:, :-1]
+    return out
