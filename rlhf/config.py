@@ -143,6 +143,7 @@ class PPOConfig(_Section):
     kl_coef: float = Field(0.02, ge=0)
     ptx_coef: float = Field(27.8, ge=0)  # 0 = plain PPO (the paper's "PPO")
     ptx_ratio: int = Field(8, ge=0)  # pretraining examples per RL episode
+    ptx_seq_len: int | None = Field(None, ge=8)  # tokens per pretraining example; None = context
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     # Also train plain PPO (ptx_coef=0) for the report's PPO vs PPO-ptx comparison.

@@ -13,7 +13,10 @@ import dataclasses
 
 import torch
 
+from rlhf.advantages import gae, kl_shaped_rewards
 from rlhf.batch import TensorBatch
+from rlhf.losses import explained_variance
+from rlhf.masked import masked_whiten
 
 
 @dataclasses.dataclass
@@ -39,3 +42,33 @@ class Experience(TensorBatch):
     advantages: torch.Tensor     # whitened over valid tokens of the whole batch
     returns: torch.Tensor
     weight_version: int
+
+
+@torch.no_grad()
+def build_experience(rollout: Rollout, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                     values: torch.Tensor, rm_scores: torch.Tensor, kl_coef: float,
+                     gamma: float, lam: float) -> tuple[Experience, dict]:
+    """Scores -> per-token KL-shaped rewards -> GAE -> advantages whitened over the batch.
+
+    Returns the Experience and the batch statistics the driver logs.
+    """
+    mask = rollout.action_mask
+    rewards, kl = kl_shaped_rewards(old_logprobs, ref_logprobs, rm_scores, mask, kl_coef)
+    advantages, returns = gae(rewards, values * mask, mask, gamma=gamma, lam=lam)
+    exp = Experience(
+        input_ids=rollout.input_ids, attention_mask=rollout.attention_mask, action_mask=mask,
+        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=values * mask,
+        advantages=masked_whiten(advantages, mask), returns=returns,
+        weight_version=rollout.weight_version)
+    valid = mask.bool()
+    stats = {
+        "rm_score_mean": rm_scores.float().mean().item(),
+        "rm_score_std": rm_scores.float().std().item() if len(rm_scores) > 1 else 0.0,
+        "kl_per_sequence": (kl * mask).sum(1).mean().item(),
+        "kl_per_token": kl[valid].mean().item(),
+        "response_length": mask.sum(1).float().mean().item(),
+        "sampler_learner_logprob_gap": (rollout.sampler_logprobs - old_logprobs)[valid].abs().mean().item(),
+        "explained_variance": explained_variance(values, returns, mask),
+        "advantage_raw_std": advantages[valid].std().item() if valid.sum() > 1 else 0.0,
+    }
+    return exp, stats

@@ -1,0 +1,35 @@
+"""Connect to Ray: an existing cluster when there is one, else a local one."""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from rlhf.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def connect(cfg: Config) -> None:
+    """Join the cluster named by RAY_ADDRESS (or the job we run inside); else start locally.
+
+    Also fixes the actors' working environment: no hub access, quiet tokenizers.
+    """
+    if ray.is_initialized():
+        return
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+    os.environ.update(env)
+    if os.environ.get("RAY_ADDRESS"):
+        log.info("joining the Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        ray.init(runtime_env={"env_vars": env})
+    else:
+        num_cpus = cfg.resources.num_cpus
+        log.info("starting a local Ray cluster (%s CPUs)", num_cpus or "all")
+        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=False)
+
+
+def cpu_share(actors: int) -> float:
+    """A fractional CPU request so `actors` actors fit beside each other on a small machine."""
+    total = ray.cluster_resources().get("CPU", 1.0)
+    return max(0.01, min(1.0, total / max(actors, 1) / 2))
