@@ -1,0 +1,280 @@
+"""`instructray serve RUN_DIR`: an OpenAI-compatible Ray Serve endpoint for a policy.
+
+Routes: POST /v1/completions, POST /v1/chat/completions (both stream with
+`stream: true`), GET /v1/models, GET /health (open, for load balancers; the
+others need `Authorization: Bearer <key>` when a key is configured in
+serve.api_key or the env INSTRUCTRAY_API_KEY). Binds serve.host (127.0.0.1 by
+default). The HF engine runs on the CPU; `vllm_app` is the GPU path.
+"""
+# No `from __future__ import annotations`: FastAPI must see the real `Request` type
+# on the route methods (Serve's class-based view does not resolve string annotations).
+import hmac
+import logging
+import os
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from orchestration.rundir import COMPLETE
+from orchestration.serve import protocol as P
+from orchestration.serve.engine import BatchedEngine, HFEngine, Row
+from rlhf.config import Config, ServeConfig
+
+log = logging.getLogger(__name__)
+API_KEY_ENV = "INSTRUCTRAY_API_KEY"
+
+api = FastAPI(title="instructray", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(P.APIError)
+async def _api_error(_: Request, e: P.APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+@api.exception_handler(HTTPException)  # unknown route, wrong method
+async def _http_error(_: Request, e: HTTPException) -> JSONResponse:
+    return JSONResponse(P.error_body(str(e.detail), code=str(e.status_code)), status_code=e.status_code)
+
+
+@api.exception_handler(Exception)
+async def _server_error(_: Request, e: Exception) -> JSONResponse:
+    log.exception("request failed")
+    return JSONResponse(P.error_body(f"internal error: {type(e).__name__}", "server_error"), 500)
+
+
+# Helpers come before the deployment class: Serve pickles the class when it is
+# decorated, and names defined later in the module would be missing in the replica.
+def _usage(prompts: list[list[int]], tokens: list[int]) -> P.Usage:
+    # OpenAI counts each prompt once, however many choices it gets.
+    p, c = sum(len(ids) for ids in prompts), sum(tokens)
+    return P.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    async def guarded() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        except Exception as e:  # headers are sent: report in-band, as OpenAI does
+            log.exception("stream failed")
+            yield P.sse(P.error_body(f"internal error: {type(e).__name__}", "server_error"))
+        yield P.SSE_DONE
+    return StreamingResponse(guarded(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+@serve.deployment(name="instructray", max_ongoing_requests=64)
+@serve.ingress(api)
+class OpenAIServer:
+    def __init__(self, checkpoint: str, model_name: str, serve_cfg: dict, api_key: str | None,
+                 num_threads: int = 1, dtype: str = "float32") -> None:
+        torch.set_num_threads(num_threads)
+        self.cfg = ServeConfig.model_validate(serve_cfg)
+        self.model_name, self.api_key = model_name, api_key
+        self.created = int(time.time())
+        self.engine = HFEngine(checkpoint, dtype=dtype)
+        self.batcher = BatchedEngine(self.engine, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
+        return P.ModelList(data=[P.ModelCard(id=self.model_name, created=self.created)]).model_dump()
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        self._authorize(request)
+        req = await self._parse(request, P.CompletionRequest)
+        prompts = self._prompt_ids(req.prompt)
+        rows = self._rows(req, prompts, req.max_tokens)
+        rid, created = P.new_id("cmpl"), P.now()
+        if req.stream:
+            return _sse(self._stream_completion(req, rows, prompts, rid, created))
+        texts, reasons, usage = await self._collect(rows, prompts)
+        choices = [P.CompletionChoice(index=i, text=t, finish_reason=r)
+                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        return P.CompletionResponse(id=rid, created=created, model=self.model_name,
+                                    choices=choices, usage=usage).model_dump()
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        self._authorize(request)
+        req = await self._parse(request, P.ChatRequest)
+        # "developer" is OpenAI's newer name for the system role.
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        prompts = [self.engine.encode(self.engine.render_chat(messages))]
+        rows = self._rows(req, prompts, req.token_budget())
+        rid, created = P.new_id("chatcmpl"), P.now()
+        if req.stream:
+            return _sse(self._stream_chat(req, rows, prompts, rid, created))
+        texts, reasons, usage = await self._collect(rows, prompts)
+        choices = [P.ChatChoice(index=i, message=P.AssistantMessage(content=t), finish_reason=r)
+                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        return P.ChatResponse(id=rid, created=created, model=self.model_name,
+                              choices=choices, usage=usage).model_dump()
+
+    # ---- request handling -------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise P.APIError(401, "missing or incorrect API key (Authorization: Bearer <key>)",
+                             code="invalid_api_key")
+
+    async def _parse(self, request: Request, model: type[BaseModel]):
+        limit = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise P.APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise P.APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+        try:
+            req = model.model_validate_json(bytes(body))
+        except ValidationError as e:
+            raise P.from_validation_error(e) from None
+        if req.model != self.model_name:
+            raise P.APIError(404, f"model {req.model!r} does not exist; this server has "
+                             f"{self.model_name!r}", param="model", code="model_not_found")
+        return req
+
+    def _prompt_ids(self, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [self.engine.encode(prompt)]
+        if not prompt:
+            raise P.APIError(400, "prompt: must not be an empty list", param="prompt")
+        if isinstance(prompt[0], str):
+            return [self.engine.encode(p) for p in prompt]
+        if isinstance(prompt[0], int):
+            return [self.engine.check_ids(prompt)]
+        return [self.engine.check_ids(p) for p in prompt]
+
+    def _rows(self, req, prompts: list[list[int]], max_tokens: int | None) -> list[Row]:
+        n = req.n or 1
+        if len(prompts) * n > P.MAX_ROWS:
+            raise P.APIError(400, f"prompts x n = {len(prompts) * n} exceeds {P.MAX_ROWS}", param="n")
+        stop = req.stop_list()
+        temperature = 1.0 if req.temperature is None else req.temperature
+        top_p = 1.0 if req.top_p is None else req.top_p
+        rows = []
+        for i, ids in enumerate(prompts):
+            budget = self.engine.budget(len(ids), max_tokens, self.cfg.max_tokens_limit)
+            for j in range(n):
+                # Choice k of a seeded request always gets seed + k: reproducible per choice.
+                seed = None if req.seed is None else req.seed + i * n + j
+                rows.append(Row(ids, budget, temperature, top_p, stop, seed))
+        return rows
+
+    async def _collect(self, rows: list[Row], prompts: list[list[int]]):
+        texts, reasons, tokens = [""] * len(rows), [None] * len(rows), [0] * len(rows)
+        async for deltas in self.batcher.run(rows):
+            for i, d in enumerate(deltas):
+                if d is not None:
+                    texts[i] += d.text
+                    tokens[i] = d.tokens
+                    reasons[i] = d.finish_reason or reasons[i]
+        return texts, reasons, _usage(prompts, tokens)
+
+    async def _stream_completion(self, req, rows, prompts, rid, created) -> AsyncIterator[str]:
+        tokens = [0] * len(rows)
+        async for deltas in self.batcher.run(rows):
+            for i, d in enumerate(deltas):
+                if d is not None and (d.text or d.finish_reason):
+                    tokens[i] = d.tokens
+                    choice = P.CompletionChoice(index=i, text=d.text, finish_reason=d.finish_reason)
+                    yield P.sse(P.CompletionResponse(id=rid, created=created, model=self.model_name,
+                                                     choices=[choice]))
+        if req.stream_options and req.stream_options.include_usage:
+            yield P.sse(P.CompletionResponse(id=rid, created=created, model=self.model_name,
+                                             choices=[], usage=_usage(prompts, tokens)))
+
+    async def _stream_chat(self, req, rows, prompts, rid, created) -> AsyncIterator[str]:
+        def chunk(choices, usage=None):
+            return P.sse(P.ChatChunk(id=rid, created=created, model=self.model_name,
+                                     choices=choices, usage=usage))
+        for i in range(len(rows)):
+            yield chunk([P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content=""))])
+        tokens = [0] * len(rows)
+        async for deltas in self.batcher.run(rows):
+            for i, d in enumerate(deltas):
+                if d is not None and (d.text or d.finish_reason):
+                    tokens[i] = d.tokens
+                    delta = P.ChatDelta(content=d.text or None)
+                    yield chunk([P.ChatChunkChoice(index=i, delta=delta, finish_reason=d.finish_reason)])
+        if req.stream_options and req.stream_options.include_usage:
+            yield chunk([], _usage(prompts, tokens))
+
+
+# ---- building and running -----------------------------------------------------------
+
+def resolve_checkpoint(target: str | Path) -> Path:
+    """A run dir -> its final policy (ppo/final, else sft/final); an HF dir -> itself."""
+    path = Path(target)
+    for stage in ("ppo", "sft"):
+        final = path / stage / "final"
+        if (final / COMPLETE).exists():
+            return final
+    if (path / "config.json").exists():
+        return path
+    raise FileNotFoundError(f"{target}: neither a run directory with a finished ppo/ or sft/ "
+                            "stage nor an HF checkpoint directory (config.json)")
+
+
+def model_name_for(checkpoint: Path) -> str:
+    """`<run>/<stage>` for a run's final model (e.g. tiny/ppo), else the folder's name."""
+    checkpoint = checkpoint.resolve()
+    if checkpoint.name == "final":
+        return f"{checkpoint.parent.parent.name}/{checkpoint.parent.name}"
+    return checkpoint.name
+
+
+def build_app(checkpoint: str | Path, serve_cfg: ServeConfig, model_name: str | None = None,
+              num_cpus: float = 1.0, dtype: str = "float32"):
+    """The Serve application (HF engine); `serve.run` it. The key is resolved here, driver-side."""
+    checkpoint = Path(checkpoint).resolve()
+    api_key = serve_cfg.api_key or os.environ.get(API_KEY_ENV) or None
+    return OpenAIServer.options(
+        num_replicas=serve_cfg.num_replicas,
+        ray_actor_options={"num_cpus": num_cpus},
+    ).bind(str(checkpoint), model_name or model_name_for(checkpoint), serve_cfg.model_dump(),
+           api_key, max(1, int(num_cpus)), dtype)
+
+
+def main(cfg: Config, target: str) -> None:
+    """Serve `target` on cfg.serve.host:port until Ctrl-C."""
+    from orchestration.cluster import connect
+    from orchestration.serve import vllm_app
+
+    checkpoint = resolve_checkpoint(target)
+    name = model_name_for(checkpoint)
+    connect(cfg)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    if vllm_app.should_use(cfg):
+        app, engine = vllm_app.build_vllm_app(checkpoint, cfg, name), "vLLM (ray.serve.llm)"
+    else:
+        app, engine = build_app(checkpoint, cfg.serve, name, dtype=cfg.model.dtype), "HF on CPU"
+    serve.run(app, name="instructray", route_prefix="/", blocking=False)
+    print(f"serving {checkpoint} as model {name!r} with {engine} at "
+          f"http://{cfg.serve.host}:{cfg.serve.port}/v1  (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+    finally:
+        serve.shutdown()

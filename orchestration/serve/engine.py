@@ -1,0 +1,270 @@
+"""The CPU serving engine: HF model, batched KV-cache decoding, stop strings, streaming.
+
+`HFEngine` is plain Python (no Ray): it tokenizes, checks lengths and runs one
+decoding loop over any number of rows, each with its own temperature, top_p,
+max_tokens, stop strings and seed, yielding every row's new text after each
+token. `BatchedEngine` puts Ray Serve's `@serve.batch` in front of it: requests
+that arrive together share one decoding loop, and each request receives its
+rows' text step by step (which is what streaming sends, token by token).
+
+Seeds: a row's sampler is its own `torch.Generator`, so a seeded request draws
+the same tokens whatever else shares its batch, up to float rounding of the
+batched forward pass (the same caveat vLLM documents).
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Iterator, Sequence
+
+import torch
+from ray import serve
+from transformers import DynamicCache
+
+from orchestration.serve.protocol import APIError
+from rlhf.models import load_policy, load_tokenizer, position_ids_from_mask
+from rlhf.sampling import left_pad
+
+# Used when the tokenizer has no chat template: "role: content" lines, then the
+# assistant's cue. Any checkpoint can be chatted with; a tokenizer's own
+# template (rlhf.tiny.CHAT_TEMPLATE for our models) always wins.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ message['role'] + ': ' + message['content'] + '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'assistant:' }}{%- endif -%}"
+)
+REPLACEMENT = "\ufffd"  # what decode shows for an incomplete UTF-8 character
+
+
+@dataclass(frozen=True)
+class Row:
+    """One sequence to generate."""
+    prompt_ids: Sequence[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A row's news after one decoding step."""
+    text: str                   # new text, safe to send (never part of a stop string)
+    finish_reason: str | None   # "stop" (EOS or stop string) or "length" when it just ended
+    tokens: int                 # completion tokens generated so far
+
+
+@dataclass
+class _RowText:
+    """Incremental detokenization with stop-string hold-back."""
+    tokenizer: object
+    stop: tuple[str, ...]
+    ids: list[int] = field(default_factory=list)
+    sent: int = 0  # characters already emitted
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False)
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; return (text now safe to emit, whether a stop string was hit)."""
+        self.ids.append(token)
+        text = self._decode()
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            return self._emit(text, min(hits)), True
+        # Hold back a tail that may still grow into a stop string or a character.
+        safe = len(text)
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    safe = min(safe, len(text) - k)
+                    break
+        while safe > self.sent and text[safe - 1] == REPLACEMENT:
+            safe -= 1
+        return self._emit(text, safe), False
+
+    def flush(self) -> str:
+        return self._emit(self._decode(), None)
+
+    def _emit(self, text: str, end: int | None) -> str:
+        end = len(text) if end is None else end
+        out = text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return out
+
+
+class HFEngine:
+    """A causal LM from a local HF directory, decoding rows in one batch on the CPU."""
+
+    def __init__(self, checkpoint: str | Path, dtype: str = "float32",
+                 trust_remote_code: bool = False) -> None:
+        self.tokenizer = load_tokenizer(checkpoint)
+        self.model = load_policy(checkpoint, dtype=getattr(torch, dtype),
+                                 trust_remote_code=trust_remote_code).eval()
+        cfg = self.model.config
+        self.context_length = int(getattr(cfg, "max_position_embeddings", None)
+                                  or self.tokenizer.model_max_length)
+        self.vocab_size = int(cfg.vocab_size)
+        tok = self.tokenizer
+        self.eos_id = tok.eos_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        # An empty prompt still needs one token to condition on (as OpenAI does for GPT-2).
+        self.start_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    # ---- prompts --------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        try:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        except Exception as e:  # e.g. lone surrogates the Rust tokenizer cannot take
+            raise APIError(400, f"prompt cannot be tokenized: {e}", param="prompt") from None
+        return self._nonempty(ids)
+
+    def check_ids(self, ids: Sequence[int]) -> list[int]:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} outside the vocabulary [0, {self.vocab_size})",
+                           param="prompt")
+        return self._nonempty(list(ids))
+
+    def _nonempty(self, ids: list[int]) -> list[int]:
+        if ids:
+            return ids
+        if self.start_id is None:
+            raise APIError(400, "prompt is empty and the tokenizer has no BOS token", param="prompt")
+        return [self.start_id]
+
+    def render_chat(self, messages: list[dict]) -> str:
+        template = self.tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # a template may refuse a role order (raise_exception)
+            raise APIError(400, f"messages cannot be rendered by the chat template: {e}",
+                           param="messages") from None
+
+    def budget(self, prompt_len: int, max_tokens: int | None, limit: int) -> int:
+        """The max_tokens to use; 400 when the prompt or the request does not fit."""
+        room = self.context_length - prompt_len
+        if room < 1:
+            raise APIError(400, f"prompt is {prompt_len} tokens; this model's context is "
+                           f"{self.context_length} tokens and leaves no room for a completion",
+                           param="prompt", code="context_length_exceeded")
+        if max_tokens is None:
+            return min(room, limit)
+        if max_tokens > limit:
+            raise APIError(400, f"max_tokens={max_tokens} exceeds this server's limit of {limit}",
+                           param="max_tokens")
+        if max_tokens > room:
+            raise APIError(400, f"this model's context is {self.context_length} tokens; the prompt "
+                           f"({prompt_len}) plus max_tokens ({max_tokens}) exceed it",
+                           param="max_tokens", code="context_length_exceeded")
+        return max_tokens
+
+    # ---- decoding -------------------------------------------------------------
+    @torch.no_grad()
+    def steps(self, rows: Sequence[Row]) -> Iterator[list[Delta | None]]:
+        """Decode all rows together; after each token yield one entry per row (None once done)."""
+        ids, mask = left_pad([r.prompt_ids for r in rows], self.pad_id)
+        temps = torch.tensor([r.temperature for r in rows])
+        top_ps = torch.tensor([r.top_p for r in rows])
+        gens = [torch.Generator().manual_seed((secrets.randbits(63) if r.seed is None else r.seed)
+                                              % 2**64) for r in rows]
+        texts = [_RowText(self.tokenizer, r.stop) for r in rows]
+        done = [False] * len(rows)
+        cache = DynamicCache()
+        step_ids, pos, attn = ids, position_ids_from_mask(mask), mask
+        for t in range(max(r.max_tokens for r in rows)):
+            logits = self.model(input_ids=step_ids, attention_mask=attn, position_ids=pos,
+                                past_key_values=cache, use_cache=True).logits[:, -1, :].float()
+            tokens = _pick(logits, temps, top_ps, gens, done, self.pad_id)
+            out: list[Delta | None] = []
+            for i, row in enumerate(rows):
+                if done[i]:
+                    out.append(None)
+                    continue
+                tok, n = int(tokens[i]), t + 1
+                if tok == self.eos_id:
+                    done[i] = True
+                    out.append(Delta(texts[i].flush(), "stop", n))
+                    continue
+                text, hit = texts[i].push(tok)
+                if hit or n >= row.max_tokens:
+                    done[i] = True
+                    reason = "stop" if hit else "length"
+                    out.append(Delta(text if hit else text + texts[i].flush(), reason, n))
+                else:
+                    out.append(Delta(text, None, n))
+            yield out
+            if all(done):
+                return
+            # Finished rows keep stepping (the cache stays rectangular) but are unattended.
+            alive = torch.tensor([not d for d in done], dtype=attn.dtype)
+            attn = torch.cat([attn, alive[:, None]], dim=1)
+            pos = (attn.sum(1, keepdim=True) - 1).clamp(min=0)
+            step_ids = torch.where(alive.bool(), tokens, self.pad_id)[:, None]
+
+
+def _pick(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor,
+          gens: list[torch.Generator], done: list[bool], pad_id: int) -> torch.Tensor:
+    """Next token per row: argmax at temperature 0, else a top-p sample from the row's generator."""
+    probs = torch.softmax(logits / temps.clamp(min=1e-6)[:, None], dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
+    drop = (sorted_p.cumsum(-1) - sorted_p) > top_ps[:, None]
+    drop[:, 0] = False
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    tokens = torch.full((logits.shape[0],), pad_id, dtype=torch.long)
+    for i in range(logits.shape[0]):
+        if done[i]:
+            continue
+        if temps[i] == 0:
+            tokens[i] = logits[i].argmax()
+        else:
+            tokens[i] = order[i, torch.multinomial(sorted_p[i], 1, generator=gens[i])[0]]
+    return tokens
+
+
+class BatchedEngine:
+    """Requests arriving together (up to max_batch_size, within batch_wait_timeout_s) share a loop.
+
+    Only usable inside a Ray Serve replica (`@serve.batch` needs the replica context).
+    """
+
+    def __init__(self, engine: HFEngine, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        self.engine = engine
+        self._batch.set_max_batch_size(max_batch_size)
+        self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    async def run(self, rows: list[Row]) -> AsyncIterator[list[Delta | None]]:
+        """This request's rows, one list of deltas per decoding step."""
+        async for deltas in self._batch(rows):
+            yield deltas
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _batch(self, jobs: list[list[Row]]):
+        flat = [row for job in jobs for row in job]
+        spans, start = [], 0
+        for job in jobs:
+            spans.append((start, start + len(job)))
+            start += len(job)
+        finished = [False] * len(jobs)
+        steps = self.engine.steps(flat)
+        while True:
+            # A thread, so the replica's event loop keeps accepting requests meanwhile.
+            deltas = await asyncio.to_thread(next, steps, None)
+            if deltas is None:
+                return
+            out = []
+            for j, (a, b) in enumerate(spans):
+                if finished[j]:
+                    out.append(StopIteration)  # Serve's end-of-stream sentinel for this caller
+                    continue
+                part = deltas[a:b]
+                out.append(part)
+                finished[j] = all(d is None or d.finish_reason for d in part)
+            yield out

@@ -1,0 +1,103 @@
+"""A real OpenAI-compatible endpoint for the serve tests.
+
+One Ray Serve application on a free loopback port, serving a tiny GPT-2 built
+here in a temporary directory, with an API key configured. Scoped to this
+package: it starts with the first test that asks for it and is shut down (Serve,
+and Ray if we started it) after the last e2e test, so later suites get the CPUs back.
+"""
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+MODEL = "tiny-e2e"
+API_KEY = "sk-e2e-test-key"
+CONTEXT = 96           # n_positions of the test model
+MAX_TOKENS_LIMIT = 48  # serve.max_tokens_limit
+MAX_BODY_BYTES = 16384
+TEXTS = [f"the quick brown fox jumps over the lazy dog {i}" for i in range(100)] + [
+    "Instruction: reverse the words\nInput: red green blue\nResponse: blue green red",
+    "Instruction: sort the numbers\nInput: 3 1 2\nResponse: 1 2 3",
+] * 20
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str          # http://127.0.0.1:PORT
+    api_key: str
+    model: str
+    checkpoint: Path
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def client(self, api_key: str | None = None):
+        import openai
+        return openai.OpenAI(base_url=self.base_url, api_key=api_key or self.api_key,
+                             max_retries=0, timeout=60)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/health never answered 200")
+
+
+@pytest.fixture(scope="package")
+def endpoint(tmp_path_factory) -> Endpoint:
+    import ray
+    from ray import serve
+
+    from orchestration.serve.app import build_app
+    from rlhf.config import ServeConfig
+    from rlhf.tiny import make_tiny_base
+
+    checkpoint = make_tiny_base(tmp_path_factory.mktemp("serve") / "tiny", TEXTS, vocab_size=300,
+                                n_positions=CONTEXT, n_embd=32, n_layer=2, n_head=2)
+    port = _free_port()
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(num_cpus=2, include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cfg = ServeConfig(port=port, api_key=API_KEY, max_tokens_limit=MAX_TOKENS_LIMIT,
+                      max_body_bytes=MAX_BODY_BYTES, max_batch_size=8, batch_wait_timeout_s=0.01)
+    serve.run(build_app(checkpoint, cfg, model_name=MODEL), name="instructray-e2e",
+              route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url)
+        yield Endpoint(url, API_KEY, MODEL, checkpoint)
+    finally:
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="package")
+def reference(endpoint):
+    """The served model and tokenizer loaded in the test process, for independent checks."""
+    import torch
+
+    from rlhf.models import load_policy, load_tokenizer
+    torch.set_num_threads(1)
+    return load_policy(endpoint.checkpoint).eval(), load_tokenizer(endpoint.checkpoint)
