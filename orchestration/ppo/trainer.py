@@ -23,7 +23,8 @@ import ray
 import torch
 from tqdm import tqdm
 
-from actors import CriticLearner, PolicyLearner, ReferenceScorer, RewardScorer, RolloutGenerator, WorkerGroup
+from actors import (CriticLearner, PolicyLearner, ReferenceScorer, RewardScorer, RolloutGenerator,
+                    WorkerGroup, actor_class)
 from orchestration.cluster import cpu_share
 from orchestration.ppo.streams import BlockStream, Stream
 from orchestration.ppo.timing import PhaseTimer
@@ -59,22 +60,22 @@ class PPOTrainer:
 
     # ---- actors -------------------------------------------------------------------
     def _start_actors(self) -> None:
-        p, device = self.p, self.cfg.run.device
-        n_actors = p.num_generators + 2 * p.num_learners + 2
-        cpus = cpu_share(n_actors)
-        learner_cfg = {"ppo": p.model_dump(), "optimizer": self.cfg.optimizer.model_dump(),
-                       "seed": self.cfg.run.seed, "device": device}
+        p, device, seed = self.p, self.cfg.run.device, self.cfg.run.seed
+        cpus = cpu_share(p.num_generators + 2 * p.num_learners + 2)
+        gpu = 1.0 if self.cfg.resources.num_gpus > 0 else 0.0
+        common = {"num_threads": 1, "device": device}
         self.generators = [
-            RolloutGenerator.options(num_cpus=cpus).remote(
-                str(self.inputs.policy), engine=p.engine, seed=self.cfg.run.seed + i, num_threads=1,
-                device=device, engine_kwargs={"token_budget": p.generation_token_budget})
+            actor_class(RolloutGenerator, cpus, gpu * self.cfg.resources.gpus_per_generator).remote(
+                str(self.inputs.policy), engine=p.engine, seed=seed + i, **common,
+                engine_kwargs={"token_budget": p.generation_token_budget})
             for i in range(p.num_generators)]
-        self.reward = RewardScorer.options(num_cpus=cpus).remote(str(self.inputs.reward_model), num_threads=1, device=device)
-        self.reference = ReferenceScorer.options(num_cpus=cpus).remote(str(self.inputs.policy), num_threads=1, device=device)
-        self.learners = WorkerGroup(PolicyLearner, p.num_learners, num_cpus=cpus,
-                                    policy_path=str(self.inputs.policy), config=learner_cfg)
-        self.critics = WorkerGroup(CriticLearner, p.num_learners, num_cpus=cpus,
-                                   critic_path=str(self.inputs.reward_model), config=learner_cfg)
+        self.reward = actor_class(RewardScorer, cpus, gpu).remote(str(self.inputs.reward_model), **common)
+        self.reference = actor_class(ReferenceScorer, cpus, gpu).remote(str(self.inputs.policy), **common)
+        learner_kw = {"ppo": p, "optimizer": self.cfg.optimizer, "seed": seed, **common}
+        self.learners = WorkerGroup(PolicyLearner, p.num_learners, str(self.inputs.policy),
+                                    num_cpus=cpus, num_gpus=gpu, **learner_kw)
+        self.critics = WorkerGroup(CriticLearner, p.num_learners, str(self.inputs.reward_model),
+                                   num_cpus=cpus, num_gpus=gpu, **learner_kw)
 
     # ---- the loop -----------------------------------------------------------------
     def run(self, resume: bool = False) -> Path:
@@ -106,7 +107,7 @@ class PPOTrainer:
             stats |= self.learn(exp, k)
         with self.timer.phase("sync"):
             self.sync_weights()
-        stats |= self.gold(rollout)
+        stats |= self.gold(rollout) | self.sync_record
         seconds = self.timer.pop()
         tokens = int(rollout.attention_mask.sum())
         stats |= seconds | {
@@ -130,8 +131,8 @@ class PPOTrainer:
         ids, mask = rollout.input_ids, rollout.attention_mask
         rm = self.reward.score.remote(ids, mask)
         ref = self.reference.logprobs.remote(ids, mask)
-        old = self.learners.map("logprobs", [(s.input_ids, s.attention_mask) for s in rollout.chunk(self.learners.size)])
-        values = self.critics.map("values", [(s.input_ids, s.attention_mask) for s in rollout.chunk(self.critics.size)])
+        old = self._sharded(self.learners, "logprobs", rollout)
+        values = self._sharded(self.critics, "values", rollout)
         old_logprobs = torch.cat(ray.get(old))
         values = torch.cat(ray.get(values))
         mask_f = rollout.action_mask.float()
@@ -147,24 +148,28 @@ class PPOTrainer:
             for mb in exp.select(order).split(self.p.minibatch_size):
                 ptx = (lm_batch(self.ptx.take_blocks(len(mb) * self.p.ptx_ratio))
                        if self.ptx_coef > 0 and self.p.ptx_ratio > 0 else None)
-                shards = mb.chunk(self.learners.size)
-                ptx_shards = ptx.chunk(self.learners.size) if ptx is not None else [None] * len(shards)
-                pol = self.learners.map("train_minibatch", [(s, x, self.ptx_coef) for s, x in zip(shards, ptx_shards)])
-                cri = self.critics.map("train_minibatch", [(s,) for s in mb.chunk(self.critics.size)])
+                n = len(self.learners)
+                ptx_shards = ptx.chunk(n) if ptx is not None else [None] * n
+                pol = self.learners.call_sharded("train_minibatch", mb.chunk(n), ptx_shards,
+                                                 ptx_coef=self.ptx_coef)
+                cri = self.critics.call_sharded("train_minibatch", mb.chunk(len(self.critics)))
                 policy_stats += ray.get(pol)
                 critic_stats += ray.get(cri)
-        ray.get(self.learners.map("end_iteration", [()] * self.learners.size))
-        out = _mean_stats(policy_stats) | _mean_stats(critic_stats)
+        ray.get(self.learners.call_all("end_iteration") + self.critics.call_all("end_iteration"))
+        critic = {k if k.startswith(("value", "vf_")) else f"critic_{k}": v
+                  for k, v in _mean_stats(critic_stats).items()}
+        out = _mean_stats(policy_stats) | critic
         out["minibatches"] = n_mb * self.p.ppo_epochs
         return out
 
     def sync_weights(self) -> None:
         """Bucketed broadcast of the learner's weights to every generator, then verified."""
-        buckets, meta, checksum, version = ray.get(self.learners.leader.weight_buckets.remote())
-        got = ray.get([g.update_weights.remote(version, meta, *buckets) for g in self.generators])
+        refs, meta, checksum, version = ray.get(self.learners.call_rank0("publish_weights"))
+        got = ray.get([g.update_weights.remote(version, meta, *refs) for g in self.generators])
         if any(c != checksum for c in got):
             raise RuntimeError(f"weight sync failed: learner checksum {checksum}, generators {got}")
-        self.synced_version = version
+        self.sync_record = {"synced_version": version, "synced_generators": len(got),
+                            "synced_checksum": checksum}
 
     def gold(self, rollout: Rollout) -> dict:
         if self.inputs.gold_scorer is None:
@@ -179,10 +184,15 @@ class PPOTrainer:
     def _seed(self, k: int) -> int:
         return random.Random(f"{self.cfg.run.seed}:{k}").randrange(2**31)
 
+    @staticmethod
+    def _sharded(group: WorkerGroup, method: str, rollout: Rollout) -> list:
+        shards = rollout.chunk(len(group))
+        return group.call_sharded(method, [s.input_ids for s in shards], [s.attention_mask for s in shards])
+
     def checkpoint(self) -> Path:
         def write(tmp: Path) -> None:
-            ray.get(self.learners.leader.save_checkpoint.remote(str(tmp / "policy.pt")))
-            ray.get(self.critics.leader.save_checkpoint.remote(str(tmp / "critic.pt")))
+            torch.save(ray.get(self.learners.call_rank0("state_dict_for_checkpoint")), tmp / "policy.pt")
+            torch.save(ray.get(self.critics.call_rank0("state_dict_for_checkpoint")), tmp / "critic.pt")
             torch.save({"iteration": self.iteration, "prompts": self.prompts.state_dict(),
                         "ptx": self.ptx.state_dict(), "torch_rng": torch.get_rng_state()},
                        tmp / "driver.pt")
@@ -194,8 +204,10 @@ class PPOTrainer:
             log.info("no checkpoint in %s; starting from iteration 0", self.stage.checkpoints)
             return
         state = torch.load(ckpt / "driver.pt", weights_only=True)
-        ray.get(self.learners.map("load_checkpoint", [(str(ckpt / "policy.pt"),)] * self.learners.size))
-        ray.get(self.critics.map("load_checkpoint", [(str(ckpt / "critic.pt"),)] * self.critics.size))
+        policy = torch.load(ckpt / "policy.pt", weights_only=True)
+        critic = torch.load(ckpt / "critic.pt", weights_only=True)
+        ray.get(self.learners.call_all("load_checkpoint_state", policy)
+                + self.critics.call_all("load_checkpoint_state", critic))
         self.prompts.load_state_dict(state["prompts"])
         self.ptx.load_state_dict(state["ptx"])
         torch.set_rng_state(state["torch_rng"])
@@ -204,15 +216,14 @@ class PPOTrainer:
 
     def save_final(self) -> Path:
         def write(tmp: Path) -> None:
-            ray.get(self.learners.leader.save_pretrained.remote(str(tmp), True))  # EMA weights
-            self.tok.save_pretrained(tmp)
+            ray.get(self.learners.call_rank0("save_pretrained", str(tmp), use_ema=True))
         return self.stage.save_final(write)
 
     def shutdown(self) -> None:
         for a in [*self.generators, self.reward, self.reference]:
             ray.kill(a)
-        self.learners.kill()
-        self.critics.kill()
+        self.learners.shutdown()
+        self.critics.shutdown()
 
 
 def _split_evenly(items: list, parts: int) -> list[list]:
