@@ -1,0 +1,201 @@
+"""Worker groups: N actors of one class in one torch.distributed group.
+
+Driver side, `WorkerGroup` creates the actors, rendezvouses them on a free TCP
+port of rank 0's node (gloo on CPU, NCCL on GPU) and calls methods on every
+rank, with the same or per-rank arguments, returning the futures.
+
+Worker side, `DistributedWorker` is the mixin the learners inherit: joining the
+group, starting every rank from rank 0's weights, and one optimizer step from
+gradients all-reduced in a few flat buckets (one collective per bucket, not per
+parameter), with a non-finite check and optional clipping.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import socket
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from actors.resources import actor_class
+from actors.weight_sync import DEFAULT_CAP_BYTES, pack_into, plan_buckets, unpack_buckets
+
+
+class BucketedGrads:
+    """Flat gradient buffers over a model's trainable parameters, allocated once."""
+
+    def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]],
+                 cap_bytes: int = DEFAULT_CAP_BYTES) -> None:
+        self.params = list(named_params)
+        self.metas = plan_buckets(self.params, cap_bytes)
+        device = self.params[0][1].device
+        self.buffers = [torch.zeros(m.numel, dtype=getattr(torch, m.dtype), device=device)
+                        for m in self.metas]
+        self.views = unpack_buckets(self.buffers, self.metas)
+
+    def _grads(self):
+        for name, p in self.params:
+            yield name, (p.grad if p.grad is not None else torch.zeros_like(p))
+
+    def capture(self) -> float:
+        """Copy the current .grad into the buffers; returns their squared norm."""
+        pack_into(self.buffers, self.metas, self._grads())
+        return self.sq_norm()
+
+    @torch.no_grad()
+    def absorb(self) -> float:
+        """Take .grad again after more backward passes; returns ||new - captured||^2,
+        the squared norm of what those passes added to the gradient buffers."""
+        added = torch.zeros((), dtype=torch.float64, device=self.buffers[0].device)
+        for name, grad in self._grads():
+            view = self.views[name]
+            added += (grad.float() - view.float()).pow(2).sum()  # stays on device: one sync
+            view.copy_(grad)
+        return float(added)
+
+    def sq_norm(self) -> float:
+        return float(sum(b.float().pow(2).sum() for b in self.buffers))
+
+    def all_reduce_mean(self, world_size: int) -> None:
+        if world_size > 1:
+            for b in self.buffers:
+                dist.all_reduce(b)
+                b.div_(world_size)
+
+    @torch.no_grad()
+    def write_back(self, scale: float = 1.0) -> None:
+        for name, p in self.params:
+            view = self.views[name]
+            p.grad = view.clone() if scale == 1.0 else view * scale
+
+
+class DistributedWorker:
+    """Mixin: group membership and the synchronised optimizer step."""
+
+    rank: int = 0
+    world_size: int = 1
+    nonfinite_steps: int = 0
+    device: torch.device = torch.device("cpu")
+
+    def node_endpoint(self) -> tuple[str, int]:
+        """This node's address and a currently free port (rank 0 hosts the rendezvous)."""
+        import ray
+
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup_distributed(self, rank: int, world_size: int, endpoint: tuple[str, int],
+                          timeout_s: float = 300.0) -> str:
+        """Join the group at rank 0's `endpoint` (address, port); returns the backend."""
+        addr, port = endpoint
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+        self.rank, self.world_size = rank, world_size
+        self.broadcast_from_rank0()
+        return backend
+
+    def trained_module(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def broadcast_from_rank0(self) -> None:
+        """Every rank starts from rank 0's exact weights (loading twice need not be bit-equal)."""
+        if self.world_size > 1:
+            for t in list(self.trained_module().parameters()) + list(self.trained_module().buffers()):
+                dist.broadcast(t.data, src=0)
+
+    def synced_step(self, grads: BucketedGrads, optimizer: torch.optim.Optimizer,
+                    max_grad_norm: float | None) -> tuple[float, bool]:
+        """All-reduce (mean) the captured gradients, check, clip, step once.
+
+        Returns (global grad norm before clipping, skipped). Every rank sees the same
+        reduced buffers, so every rank makes the same skip decision.
+        """
+        grads.all_reduce_mean(self.world_size)
+        norm = math.sqrt(grads.sq_norm())
+        optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(norm):
+            # Skipping keeps the weights finite; the driver stops after too many in a row.
+            self.nonfinite_steps += 1
+            return norm, True
+        scale = min(1.0, max_grad_norm / (norm + 1e-6)) if max_grad_norm else 1.0
+        grads.write_back(scale)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm, False
+
+    def teardown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class WorkerGroup:
+    """N actors of `worker_cls` (a DistributedWorker) joined in one process group.
+
+    The constructor does not block: actors start and rendezvous in the background
+    (so several groups and actors can boot at once); the first call through the
+    group waits for the rendezvous and raises if it failed.
+    """
+
+    def __init__(self, worker_cls: type, num_workers: int, *args: Any, num_cpus: float = 1.0,
+                 num_gpus: float = 0.0, actor_options: dict | None = None, **kwargs: Any) -> None:
+        import ray
+
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        remote_cls = actor_class(worker_cls, num_cpus, num_gpus, **(actor_options or {}))
+        self.workers = [remote_cls.remote(*args, **kwargs) for _ in range(num_workers)]
+        # A ref as an argument: each rank's setup runs once rank 0 has named its endpoint.
+        endpoint = self.workers[0].node_endpoint.remote()
+        self._setup = [w.setup_distributed.remote(rank, num_workers, endpoint)
+                       for rank, w in enumerate(self.workers)]
+        self.backend: str | None = None
+
+    def wait_ready(self) -> str:
+        """Block until every rank joined the group; returns the backend (gloo / nccl)."""
+        import ray
+
+        if self.backend is None:
+            self.backend = ray.get(self._setup)[0]
+        return self.backend
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def call_all(self, method: str, *args: Any, **kwargs: Any) -> list:
+        """The same call on every rank; one future per rank."""
+        self.wait_ready()
+        return [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
+
+    def call_per_rank(self, method: str, args_per_rank: Sequence[tuple],
+                      kwargs_per_rank: Sequence[dict] | None = None) -> list:
+        if len(args_per_rank) != len(self.workers):
+            raise ValueError(f"{len(args_per_rank)} argument tuples for {len(self.workers)} ranks")
+        self.wait_ready()
+        kws = kwargs_per_rank or [{}] * len(self.workers)
+        return [getattr(w, method).remote(*a, **k) for w, a, k in zip(self.workers, args_per_rank, kws)]
+
+    def call_sharded(self, method: str, *shards: Sequence, **common: Any) -> list:
+        """Rank i gets element i of every positional sequence (e.g. `batch.chunk(n)`),
+        plus the same keyword arguments."""
+        for s in shards:
+            if len(s) != len(self.workers):
+                raise ValueError(f"a shard list of {len(s)} for {len(self.workers)} ranks")
+        return self.call_per_rank(method, list(zip(*shards)) if shards else [()] * len(self.workers),
+                                  [common] * len(self.workers))
+
+    def call_rank0(self, method: str, *args: Any, **kwargs: Any):
+        self.wait_ready()
+        return getattr(self.workers[0], method).remote(*args, **kwargs)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []

@@ -1,0 +1,229 @@
+"""PolicyLearner: one rank of the policy group; PPO-ptx updates as in the paper.
+
+Per minibatch (DESIGN §3): PPO clipped loss backward, then the ptx LM loss x
+gamma backward into the SAME .grad buffers (one joint gradient, not a second
+step), all-reduce over the group in a few flat buckets, non-finite check,
+optional clipping, ONE Adam step, EMA update. Dropout stays off: the PPO ratio
+must be exactly 1 before the first step, and old logprobs are recomputed here.
+
+Versions: the learner starts at 0 (the weights at `policy_path`, which the
+generators also load) and `end_iteration` bumps it after an iteration's steps.
+A minibatch sampled with another version is refused (StaleRolloutError) unless
+`ppo.async_rollouts`, which admits older (never newer) versions.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actors.group import BucketedGrads, DistributedWorker
+from actors.resources import configure_threads, parse_dtype, pick_device
+from actors.weight_sync import BucketMeta, checksum, pack_buckets, put_buckets
+from rlhf.collate import LMBatch
+from rlhf.config import OptimizerConfig, PPOConfig
+from rlhf.ema import EMA
+from rlhf.experience import Experience
+from rlhf.forward import policy_logits, token_logprobs
+from rlhf.losses import policy_loss, ptx_lm_loss
+from rlhf.masked import masked_mean
+from rlhf.models import load_policy, load_tokenizer
+from rlhf.schedules import lambda_lr, warmup_then_constant
+
+
+class StaleRolloutError(RuntimeError):
+    """A minibatch sampled with weights other than the learner's current version."""
+
+
+def to_cpu(tree: Any) -> Any:
+    """Tensors anywhere in a nested dict/list copied to the CPU.
+
+    Always a copy: a snapshot that aliased live weights or Adam moments would keep
+    changing after it was taken.
+    """
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_cpu(v) for v in tree)
+    return tree
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_optimizer(params, lr: float, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """Adam(W) with the paper's betas (0.9, 0.95); weight_decay 0 makes it plain Adam."""
+    return torch.optim.AdamW(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay)
+
+
+class PolicyLearner(DistributedWorker):
+    def __init__(self, policy_path: str, ppo: PPOConfig | None = None,
+                 optimizer: OptimizerConfig | None = None, seed: int = 0,
+                 num_threads: int | None = None, device: str = "auto", dtype: str | None = None,
+                 bucket_cap_mb: float = 64.0, forward_batch_size: int = 64) -> None:
+        configure_threads(num_threads)
+        torch.manual_seed(seed)
+        self.device = pick_device(device)
+        self.ppo = ppo or PPOConfig()
+        self.opt_cfg = optimizer or OptimizerConfig()
+        self.policy_path = str(policy_path)
+        self.model = load_policy(policy_path, dtype=parse_dtype(dtype)).to(self.device).eval()
+        self.optimizer = make_optimizer(self.model.parameters(), self.ppo.lr, self.opt_cfg)
+        self.scheduler = lambda_lr(self.optimizer, warmup_then_constant,
+                                   warmup_iters=self.ppo.warmup_iterations,
+                                   start_fraction=self.ppo.warmup_start_fraction)
+        self.ema = EMA(self.model, decay=self.ppo.ema_decay)
+        self.cap_bytes = int(bucket_cap_mb * 2**20)
+        self.grads = BucketedGrads(
+            [(n, p) for n, p in self.model.named_parameters() if p.requires_grad], self.cap_bytes)
+        self.forward_batch_size = forward_batch_size
+        self.version = 0
+
+    def trained_module(self) -> torch.nn.Module:
+        return self.model
+
+    # ------------------------------------------------------------ scoring
+
+    @torch.no_grad()
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T] float32 log pi(token_t | <t) under the current weights (the old logprobs)."""
+        n = self.forward_batch_size
+        return torch.cat([token_logprobs(self.model, i.to(self.device), m.to(self.device)).cpu()
+                          for i, m in zip(input_ids.split(n), attention_mask.split(n))])
+
+    # ------------------------------------------------------------ training
+
+    def _check_version(self, sampled: int, expected: int | None) -> None:
+        if expected is not None and expected != self.version:
+            raise StaleRolloutError(f"driver expects learner version {expected}, "
+                                    f"learner {self.rank} is at {self.version}")
+        if sampled == self.version or (self.ppo.async_rollouts and sampled < self.version):
+            return
+        raise StaleRolloutError(f"minibatch sampled with weight version {sampled}, learner "
+                                f"{self.rank} is at {self.version} (async_rollouts="
+                                f"{self.ppo.async_rollouts})")
+
+    def train_minibatch(self, exp_shard: Experience, ptx_shard: LMBatch | None = None,
+                        ptx_coef: float | None = None, version: int | None = None) -> dict[str, float]:
+        """One joint PPO(+ptx) optimizer step on this rank's shard; returns this rank's stats.
+
+        ppo_grad_norm / ptx_grad_norm: norms of what the PPO and the ptx backward passes
+        put into this rank's gradient buffers (before the all-reduce); grad_norm: the
+        all-reduced gradient the step used (before clipping).
+        """
+        self._check_version(exp_shard.weight_version, version)
+        coef = self.ppo.ptx_coef if ptx_coef is None else float(ptx_coef)
+        exp = exp_shard.to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+
+        logp, ent = token_logprobs(self.model, exp.input_ids, exp.attention_mask, with_entropy=True)
+        ent = ent.detach()
+        loss, stats = policy_loss(logp, exp.old_logprobs, exp.advantages, exp.action_mask,
+                                  clip=self.ppo.clip_ratio)
+        loss.backward()
+        ppo_sq = self.grads.capture()
+
+        ptx_loss = float("nan")
+        if ptx_shard is not None and len(ptx_shard):
+            b = ptx_shard.to(self.device)
+            with torch.set_grad_enabled(coef != 0.0):
+                lm = ptx_lm_loss(policy_logits(self.model, b.input_ids, b.attention_mask),
+                                 b.input_ids, b.loss_mask)
+                if coef != 0.0:
+                    (coef * lm).backward()  # accumulates onto the PPO gradient in .grad
+            ptx_loss = float(lm.detach())
+        # Measured from the buffers themselves: whatever ptx added, and nothing else.
+        ptx_sq = self.grads.absorb()
+
+        norm, skipped = self.synced_step(self.grads, self.optimizer, self.opt_cfg.max_grad_norm)
+        if not skipped:
+            self.ema.update(self.model)
+        stats.update(
+            loss=float(loss.detach()),
+            entropy=float(masked_mean(ent, exp.action_mask)),
+            ptx_loss=ptx_loss,
+            ppo_grad_norm=math.sqrt(ppo_sq),
+            ptx_grad_norm=math.sqrt(ptx_sq),
+            grad_norm=norm,
+            lr=self.scheduler.get_last_lr()[0],
+            skipped=float(skipped),
+            nonfinite_steps=float(self.nonfinite_steps),
+            version=float(self.version),
+        )
+        return stats
+
+    def end_iteration(self) -> int:
+        """After an iteration's minibatches: advance the LR schedule and the weight version."""
+        self.scheduler.step()
+        self.version += 1
+        return self.version
+
+    # ------------------------------------------------------------ weights out
+
+    def checksum(self) -> str:
+        return checksum(self.model.named_parameters())
+
+    def weight_version(self) -> int:
+        return self.version
+
+    def weight_buckets(self) -> tuple[list[torch.Tensor], list[BucketMeta], str]:
+        """Current (not EMA) weights packed into a few CPU buffers, their layout, checksum."""
+        named = list(self.model.named_parameters())
+        buffers, meta = pack_buckets(named, self.cap_bytes)
+        return [b.cpu() for b in buffers], meta, checksum(named)
+
+    def publish_weights(self) -> tuple[list, list[BucketMeta], str, int]:
+        """CPU transport: each bucket `ray.put` once here; returns (refs, meta, checksum, version).
+
+        The driver then calls `gen.update_weights.remote(version, meta, *refs)` on every
+        generator with the same refs.
+        """
+        buffers, meta, digest = self.weight_buckets()
+        return put_buckets(buffers), meta, digest, self.version
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict_for_checkpoint(self) -> dict[str, Any]:
+        return to_cpu({
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict(),
+            "version": self.version,
+            "nonfinite_steps": self.nonfinite_steps,
+            "rng": rng_state(),
+        })
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.ema.load_state_dict(state["ema"])
+        self.version = int(state["version"])
+        self.nonfinite_steps = int(state["nonfinite_steps"])
+        set_rng_state(state["rng"])
+
+    def save_pretrained(self, path: str, use_ema: bool = True) -> str:
+        """An HF directory of the policy (EMA weights by default, as the paper evaluates)."""
+        model = copy.deepcopy(self.model).cpu()
+        if use_ema:
+            self.ema.copy_to(model)
+        out = Path(path)
+        model.save_pretrained(out, safe_serialization=True)
+        if (Path(self.policy_path) / "tokenizer_config.json").exists():
+            load_tokenizer(self.policy_path).save_pretrained(out)
+        return str(out)

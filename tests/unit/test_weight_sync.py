@@ -1,0 +1,81 @@
+"""Bucketed weight packing: exact round trip, few buckets, an exact checksum."""
+import math
+
+import pytest
+import torch
+
+from actors.weight_sync import checksum, pack_buckets, plan_buckets, unpack_buckets
+
+
+def _named():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "emb.weight": torch.randn(50, 16, generator=g),
+        "ln.weight": torch.randn(16, generator=g).to(torch.bfloat16),
+        "h.0.w": torch.randn(16, 48, generator=g),
+        "h.0.b": torch.randn(48, generator=g).to(torch.float16),
+        "h.1.w": torch.randn(48, 16, generator=g).to(torch.bfloat16),
+        "step": torch.tensor(7, dtype=torch.int64),
+        "head.t": torch.randn(16, 50, generator=g).t(),  # non-contiguous source
+    }
+
+
+@pytest.mark.parametrize("cap_bytes", [64, 1000, 4096, 1 << 26])
+def test_round_trip_is_bit_exact_across_dtypes(cap_bytes):
+    named = _named()
+    buffers, metas = pack_buckets(named, cap_bytes)
+    assert all(b.dim() == 1 for b in buffers)
+    out = unpack_buckets(buffers, metas)
+    assert set(out) == set(named)
+    for name, t in named.items():
+        assert out[name].dtype == t.dtype and out[name].shape == t.shape
+        assert torch.equal(out[name], t)
+
+
+def test_each_bucket_holds_one_dtype_and_respects_the_cap():
+    named = _named()
+    cap = 1000
+    buffers, metas = pack_buckets(named, cap)
+    for buf, meta in zip(buffers, metas):
+        names = [s.name for s in meta.slots]
+        assert {named[n].dtype for n in names} == {buf.dtype}
+        # only a lone tensor that is itself over the cap may exceed it
+        if buf.numel() * buf.element_size() > cap:
+            assert len(names) == 1
+
+
+def test_bucket_count_is_bounded_by_bytes_over_cap():
+    # 200 small tensors of one dtype: greedy filling must not give one bucket each.
+    named = {f"p{i}": torch.ones(10) for i in range(200)}  # 40 bytes each, 8000 in all
+    metas = plan_buckets(named, cap_bytes=1000)
+    assert len(metas) == math.ceil(8000 / 1000)
+    assert len(plan_buckets(named, cap_bytes=1 << 20)) == 1
+    # one bucket per dtype when everything fits
+    assert len(plan_buckets(_named(), cap_bytes=1 << 26)) == 4
+
+
+def test_unpack_refuses_a_mismatched_layout():
+    buffers, metas = pack_buckets(_named(), 1 << 26)
+    with pytest.raises(ValueError):
+        unpack_buckets([b[:-1] for b in buffers], metas)
+
+
+def test_checksum_is_exact():
+    named = _named()
+    base = checksum(named)
+    assert checksum(dict(reversed(list(named.items())))) == base  # order of arrival is irrelevant
+    assert checksum({k: v.clone() for k, v in named.items()}) == base
+    buffers, metas = pack_buckets(named, 1000)
+    assert checksum(unpack_buckets(buffers, metas)) == base
+    for name in ("emb.weight", "ln.weight", "h.0.b"):
+        changed = {k: v.clone() for k, v in named.items()}
+        flat = changed[name].view(-1)
+        # the smallest possible change: the next representable value of one element
+        flat[3] = torch.nextafter(flat[3], torch.tensor(math.inf, dtype=flat.dtype))
+        assert checksum(changed) != base
+    renamed = dict(named)
+    renamed["emb.weight2"] = renamed.pop("emb.weight")
+    assert checksum(renamed) != base
+    cast = dict(named)
+    cast["emb.weight"] = named["emb.weight"].double()
+    assert checksum(cast) != base
