@@ -138,6 +138,30 @@ def request_outputs_to_samples(prompts: Sequence[Sequence[int]], outputs: Sequen
 
 # ---------------------------------------------------------------- inside each vLLM worker
 
+def to_wire(named: Iterable[tuple[str, torch.Tensor]]) -> list[list]:
+    """Named tensors as msgpack-native [name, dtype, shape, bytes].
+
+    `collective_rpc` arguments cross vLLM's engine-core socket as untyped msgpack,
+    where a tensor arrives as a bare [dtype, shape, buffer] list, not a tensor.
+    """
+    out = []
+    for name, t in named:
+        t = t.detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # any dtype, bfloat16 included
+        out.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), raw])
+    return out
+
+
+def from_wire(items: Iterable[Sequence]) -> list[tuple[str, torch.Tensor]]:
+    """Inverse of `to_wire`."""
+    out = []
+    for name, dtype, shape, raw in items:
+        dt = getattr(torch, dtype)
+        flat = torch.frombuffer(bytearray(raw), dtype=dt) if len(raw) else torch.empty(0, dtype=dt)
+        out.append((name, flat.reshape(tuple(shape))))
+    return out
+
+
 class ReceivedWeightsExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`); called by `collective_rpc`.
 
@@ -161,9 +185,9 @@ class ReceivedWeightsExtension:
         model.load_weights = load_weights
         model._instructray_received = received
 
-    def instructray_load_weights(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        """CPU transport: load learner-named tensors through the model's own loader."""
-        self.model_runner.get_model().load_weights(weights=named)
+    def instructray_load_weights(self, items: list[list]) -> None:
+        """CPU transport: load learner-named tensors (`to_wire` form) through the model's loader."""
+        self.model_runner.get_model().load_weights(weights=from_wire(items))
 
     def instructray_received_checksum(self) -> str | None:
         received = self.model_runner.get_model().__dict__.get("_instructray_received")
@@ -228,8 +252,7 @@ class VLLMEngine:
         return request_outputs_to_samples(prompts, outputs, self.pad_id)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        self.llm.collective_rpc("instructray_load_weights",
-                                args=([(n, t.detach().cpu()) for n, t in named_tensors],))
+        self.llm.collective_rpc("instructray_load_weights", args=(to_wire(named_tensors),))
         self._reset_prefix_cache()
 
     def state_checksum(self) -> str:

@@ -28,6 +28,7 @@ from actors import (CriticLearner, PolicyLearner, ReferenceScorer, RewardScorer,
 from orchestration.cluster import cpu_share
 from orchestration.ppo.streams import BlockStream, Stream
 from orchestration.ppo.timing import PhaseTimer
+from orchestration.ppo.weight_sync import make_sync
 from orchestration.rundir import MetricsLogger, StageDir
 from rlhf.collate import lm_batch
 from rlhf.config import Config
@@ -76,6 +77,7 @@ class PPOTrainer:
                                     num_cpus=cpus, num_gpus=gpu, **learner_kw)
         self.critics = WorkerGroup(CriticLearner, p.num_learners, str(self.inputs.reward_model),
                                    num_cpus=cpus, num_gpus=gpu, **learner_kw)
+        self.weight_sync = make_sync(p.engine, self.learners, self.generators)
 
     # ---- the loop -----------------------------------------------------------------
     def run(self, resume: bool = False) -> Path:
@@ -163,13 +165,8 @@ class PPOTrainer:
         return out
 
     def sync_weights(self) -> None:
-        """Bucketed broadcast of the learner's weights to every generator, then verified."""
-        refs, meta, checksum, version = ray.get(self.learners.call_rank0("publish_weights"))
-        got = ray.get([g.update_weights.remote(version, meta, *refs) for g in self.generators])
-        if any(c != checksum for c in got):
-            raise RuntimeError(f"weight sync failed: learner checksum {checksum}, generators {got}")
-        self.sync_record = {"synced_version": version, "synced_generators": len(got),
-                            "synced_checksum": checksum}
+        """Broadcast v_{k+1} to every generator (bucketed, versioned), verified by checksum."""
+        self.sync_record = self.weight_sync.sync()
 
     def gold(self, rollout: Rollout) -> dict:
         if self.inputs.gold_scorer is None:

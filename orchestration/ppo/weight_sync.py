@@ -1,0 +1,53 @@
+"""Learner -> generators weight broadcast, chosen once per run (DESIGN §4).
+
+Both transports are bucketed and versioned, and verify that every generator holds
+exactly the learner's weights afterwards (checksums compared).
+- ObjectStoreSync (CPU, hf engine): learner rank 0 puts a few flat buckets in the
+  Ray object store once; every generator reads the same refs.
+- VLLMSync (GPU, vllm engine): vLLM's own NCCL/IPC weight transfer.
+"""
+from __future__ import annotations
+
+import ray
+
+from actors.group import WorkerGroup
+
+
+class ObjectStoreSync:
+    def __init__(self, learners: WorkerGroup, generators: list):
+        self.learners, self.generators = learners, generators
+
+    def sync(self) -> dict:
+        refs, meta, checksum, version = ray.get(self.learners.call_rank0("publish_weights"))
+        got = ray.get([g.update_weights.remote(version, meta, *refs) for g in self.generators])
+        return _verified(checksum, got, version)
+
+    def reconnect(self, generator) -> None:
+        """A restarted generator needs nothing special: the next sync reaches it."""
+
+
+class VLLMSync:
+    def __init__(self, learners: WorkerGroup, generators: list, backend: str):
+        from actors import weight_transport_vllm
+        self._t = weight_transport_vllm
+        self.learners, self.generators, self.backend = learners, generators, backend
+        self._t.connect(learners.workers[0], generators, backend=backend)
+
+    def sync(self) -> dict:
+        version = self._t.sync(self.learners.workers[0], self.generators)  # raises on a mismatch
+        checksum = ray.get(self.learners.call_rank0("checksum"))
+        return {"synced_version": version, "synced_generators": len(self.generators),
+                "synced_checksum": checksum}
+
+    def reconnect(self, generator) -> None:
+        self._t.connect(self.learners.workers[0], self.generators, backend=self.backend)
+
+
+def _verified(checksum: str, got: list[str], version: int) -> dict:
+    if any(c != checksum for c in got):
+        raise RuntimeError(f"weight sync failed: learner checksum {checksum}, generators {got}")
+    return {"synced_version": version, "synced_generators": len(got), "synced_checksum": checksum}
+
+
+def make_sync(engine: str, learners: WorkerGroup, generators: list, backend: str = "nccl"):
+    return VLLMSync(learners, generators, backend) if engine == "vllm" else ObjectStoreSync(learners, generators)
