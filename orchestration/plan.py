@@ -1,21 +1,11 @@
 """The resource plan and batch geometry, printed by `--dry-run` before anything starts."""
 from __future__ import annotations
 
-from rlhf.config import Config
+from rlhf.config import Config, actor_groups
 
 
-def actor_groups(cfg: Config) -> list[tuple[str, int, float, int]]:
-    """(role, count, cpus each, gpus each) for the PPO stage's actor groups."""
-    gpu = cfg.resources.num_gpus > 0
-    tp = cfg.resources.gpus_per_generator if gpu else 0
-    one = 1 if gpu else 0
-    return [
-        ("rollout generator", cfg.ppo.num_generators, 1.0, tp),
-        ("reward scorer", 1, 1.0, one),
-        ("reference scorer", 1, 1.0, one),
-        ("critic learner", cfg.ppo.num_learners, 1.0, one),
-        ("policy learner", cfg.ppo.num_learners, 1.0, one),
-    ]
+def gpus_needed(cfg: Config) -> int:
+    return sum(n * gpus for _, n, _, gpus in actor_groups(cfg))
 
 
 def describe_plan(cfg: Config, command: str = "run") -> str:
@@ -41,10 +31,9 @@ def describe_plan(cfg: Config, command: str = "run") -> str:
         f"PPO actor groups (engine {p.engine}):",
         f"  {'role':<20}{'count':>6}{'cpus':>6}{'gpus':>6}",
     ]
-    total_gpus = 0
     for role, n, cpus, gpus in actor_groups(cfg):
         lines.append(f"  {role:<20}{n:>6}{cpus:>6.1f}{gpus:>6}")
-        total_gpus += n * gpus
+    total_gpus = gpus_needed(cfg)
     have = cfg.resources.num_gpus
     lines.append(f"  GPUs needed: {total_gpus}; configured: {have}"
                  + ("" if total_gpus <= have or cfg.resources.colocate else "  <-- not enough"))

@@ -121,3 +121,8 @@ def test_missing_data_files_named_when_checked(tmp_path):
 
 def test_missing_config_file_is_clear():
     assert "config file not found" in _error(Path("no/such.yaml"))
+
+
+def test_too_few_gpus_for_the_plan_names_the_field():
+    msg = _error("instructgpt-1.3b", ["resources.num_gpus=8"])
+    assert msg.startswith("command line: resources.num_gpus = 8") and "need 14 GPUs" in msg
