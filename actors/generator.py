@@ -4,10 +4,16 @@ Plain class; run it as a Ray actor with `actors.resources.actor_class(RolloutGen
 num_cpus=0.25).remote(...)`. Every Rollout records the weight version it was
 sampled with; `update_weights` installs version v from bucketed buffers and returns
 the engine's checksum, which the driver compares with the learner's.
+
+`generation_passes` reports the sampling passes of the last call as seen by the
+model itself (hf engine): rows and KV-cache positions of each, so the token
+budget (the out-of-memory guard) is observable from outside the actor.
 """
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from actors.engines import make_engine
 from actors.resources import configure_threads
@@ -27,23 +33,41 @@ class RolloutGenerator:
         self.engine_name = engine
         # Version 0 = the weights at policy_path, which the learners also start from.
         self._version = 0
+        self._passes: list[tuple[int, int]] = []
+        model = getattr(self.engine, "model", None)
+        if isinstance(model, torch.nn.Module):
+            model.register_forward_pre_hook(self._record_pass, with_kwargs=True)
+
+    def _record_pass(self, module, args, kwargs) -> None:
+        """On each pass's first forward (empty KV cache): its rows and cache capacity."""
+        cache, ids = kwargs.get("past_key_values"), kwargs.get("input_ids")
+        if cache is None or ids is None or cache.get_seq_length() != 0:
+            return
+        capacity = getattr(cache.layers[0], "capacity", None) if getattr(cache, "layers", None) else None
+        self._passes.append((int(ids.shape[0]), int(capacity if capacity is not None else ids.shape[1])))
 
     def generate(self, prompt_ids: list[list[int]], prompt_texts: list[str], max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> Rollout:
         if len(prompt_ids) != len(prompt_texts):
             raise ValueError(f"{len(prompt_ids)} prompt id lists but {len(prompt_texts)} prompt texts")
+        self._passes = []
         s = self.engine.generate([list(p) for p in prompt_ids], max_new_tokens,
                                  temperature=temperature, top_p=top_p, seed=seed)
         return Rollout(input_ids=s.input_ids, attention_mask=s.attention_mask,
                        action_mask=s.action_mask, sampler_logprobs=s.sampler_logprobs,
                        prompts=list(prompt_texts), weight_version=self._version)
 
-    def update_weights(self, version: int, meta: list[BucketMeta], *buckets) -> str:
+    def generation_passes(self) -> list[tuple[int, int]]:
+        """(rows, KV-cache positions) of each sampling pass of the last `generate` (hf engine)."""
+        return list(self._passes)
+
+    def update_weights(self, version: int, meta: list[BucketMeta], *buckets, rewind: bool = False) -> str:
         """Install weight `version` from flat buffers (tensors or ObjectRefs) laid out by `meta`.
 
-        Returns the engine's checksum after loading, for the driver to verify.
+        Returns the engine's checksum after loading, for the driver to verify. An
+        older version is refused unless `rewind` (the run went back to a checkpoint).
         """
-        if version < self._version:
+        if version < self._version and not rewind:
             raise ValueError(f"weight version {version} is older than the installed {self._version}")
         named = unpack_buckets(resolve_buckets(buckets), meta)
         self.engine.load_weights(named.items())

@@ -6,18 +6,27 @@ its own). Sending a few big buffers instead of one message per parameter is the
 point: per-call overhead, not bandwidth, dominates naive weight sync.
 
 CPU transport: learner rank 0 `ray.put`s each buffer once (`put_buckets`) and the
-driver passes the same refs to every generator, which unpacks them by name.
+driver passes the same refs to every generator, which unpacks them by name. A
+buffer travels as a numpy array (`WireBuffer`), which Ray stores out-of-band: one
+copy into the object store on put, and every reader gets a zero-copy view of the
+shared memory (a torch tensor would be pickled, i.e. copied, on both sides).
 
-`checksum` is exact: blake2b over every tensor's name, dtype, shape and raw bytes
-in name order, so equal checksums <=> bit-identical weights (up to hash collisions).
+`checksum` is exact: a 128-bit XXH3 over every tensor's name, dtype, shape and raw
+bytes in name order, so equal checksums <=> bit-identical weights (up to hash
+collisions; the check guards against transport and loading faults, not an
+adversary). XXH3 runs at ~6.5 GB/s on one core here, blake2b at ~0.6 GB/s: with
+blake2b, verifying a sync cost several times the transfer itself.
+(`xxhash` is a dependency of `datasets`.)
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import warnings
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
+import xxhash
 
 DEFAULT_CAP_BYTES = 64 * 1024 * 1024
 
@@ -110,30 +119,50 @@ def unpack_buckets(buffers: Sequence[torch.Tensor], metas: Sequence[BucketMeta])
 
 
 def checksum(named: NamedTensors) -> str:
-    """Exact fingerprint of named tensors: blake2b over names, dtypes, shapes and bytes."""
-    h = hashlib.blake2b(digest_size=16)
+    """Exact fingerprint of named tensors: XXH3-128 over names, dtypes, shapes and bytes."""
+    h = xxhash.xxh3_128()
     for name, t in sorted(_items(named), key=lambda kv: kv[0]):
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{_dtype_name(t.dtype)}|{tuple(t.shape)}|".encode())
-        # A uint8 view reads the raw bytes of any dtype (bfloat16 included).
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        # A uint8 view reads the raw bytes of any dtype (bfloat16 included), without a copy.
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class WireBuffer:
+    """A flat buffer as Ray ships it: raw bytes as numpy (zero-copy to read) and its dtype."""
+    dtype: str
+    data: np.ndarray  # uint8
+
+    @classmethod
+    def of(cls, buffer: torch.Tensor) -> "WireBuffer":
+        flat = buffer.detach().to("cpu").contiguous().reshape(-1)
+        return cls(_dtype_name(flat.dtype), flat.view(torch.uint8).numpy())
+
+    def tensor(self) -> torch.Tensor:
+        """The buffer as a tensor over the same memory (read-only when it is the object store's)."""
+        with warnings.catch_warnings():
+            # Object-store arrays are read-only; the tensor is only ever read (copied from).
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(self.data).view(getattr(torch, self.dtype))
 
 
 def put_buckets(buffers: Sequence[torch.Tensor]) -> list:
     """CPU transport: each buffer into the Ray object store once; returns the refs."""
     import ray  # lazily: the packing helpers above are usable without Ray
 
-    return [ray.put(b.detach().to("cpu")) for b in buffers]
+    return [ray.put(WireBuffer.of(b)) for b in buffers]
 
 
 def resolve_buckets(buckets: Sequence) -> list[torch.Tensor]:
-    """Buffers given as tensors or ObjectRefs (Ray resolves top-level args itself)."""
+    """Buffers given as tensors, WireBuffers or ObjectRefs to either (Ray resolves
+    top-level arguments itself, so an actor method usually receives WireBuffers)."""
     import ray
 
-    refs = [i for i, b in enumerate(buckets) if isinstance(b, ray.ObjectRef)]
     out = list(buckets)
+    refs = [i for i, b in enumerate(out) if isinstance(b, ray.ObjectRef)]
     if refs:
-        for i, value in zip(refs, ray.get([buckets[i] for i in refs])):
+        for i, value in zip(refs, ray.get([out[i] for i in refs])):
             out[i] = value
-    return out
+    return [b.tensor() if isinstance(b, WireBuffer) else b for b in out]

@@ -12,8 +12,11 @@ the last attended position is read off the attention mask.
 from __future__ import annotations
 
 import copy
+import json
 import math
+import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +29,85 @@ from transformers import (
 )
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded safely; the message names the file."""
+
+
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _read_json(file: Path) -> dict:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: corrupt or truncated JSON ({_first_line(e)})") from None
+
+
+def check_checkpoint(path: str | Path, trust_remote_code: bool = False) -> None:
+    """Refuse a local HF model directory that would load unsafely or not at all, naming the file.
+
+    Weights must be safetensors (pickle formats can run code when loaded); every
+    weight file's header must parse and cover the file (catches truncation); a
+    config asking for custom code (`auto_map`) needs `trust_remote_code`, which
+    is off unless the config's `model.trust_remote_code` turns it on. Paths that
+    are not local directories (hub names) are left to transformers.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        if root.exists():
+            raise CheckpointError(f"{root}: not a checkpoint directory")
+        return
+    config = _read_json(root / "config.json")
+    if config.get("auto_map") and not trust_remote_code:
+        raise CheckpointError(f"{root / 'config.json'}: the model needs custom code (auto_map), and "
+                              f"trust_remote_code is off (set model.trust_remote_code: true to run it)")
+    if (root / WEIGHTS_INDEX).exists():
+        weight_map = _read_json(root / WEIGHTS_INDEX).get("weight_map", {})
+        files = sorted({root / name for name in weight_map.values()})
+    elif (root / WEIGHTS_FILE).exists():
+        files = [root / WEIGHTS_FILE]
+    else:
+        pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        hint = (f"; found only pickle weights {pickles}, which are not loaded (they can run code): "
+                f"re-save them with save_pretrained(safe_serialization=True)") if pickles else ""
+        raise CheckpointError(f"{root / WEIGHTS_FILE}: missing{hint}")
+    from safetensors import safe_open
+
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (listed in {root / WEIGHTS_INDEX})")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors ({_first_line(e)})") from None
+
+
+def load_state_file(path: str | Path) -> Any:
+    """A torch.save'd state (tensors and plain containers) with `weights_only=True`, never code.
+
+    A truncated or corrupt file, or one holding other objects, raises CheckpointError naming it.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{file}: refused, it holds objects other than tensors and plain "
+                              f"containers (loaded with weights_only=True): {_first_line(e)}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: corrupt or truncated ({_first_line(e)})") from None
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a local HF directory."""
     return AutoTokenizer.from_pretrained(str(path))
@@ -35,6 +117,7 @@ def load_policy(
     path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False
 ) -> PreTrainedModel:
     """Load any causal LM from a local HF directory (safetensors only)."""
+    check_checkpoint(path, trust_remote_code)
     return AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )
@@ -139,6 +222,7 @@ class ScalarModel(nn.Module):
 
         To start an RM from a causal LM (which has no head yet), use `from_causal_lm`.
         """
+        check_checkpoint(path, trust_remote_code)
         model, info = AutoModelForSequenceClassification.from_pretrained(
             str(path),
             num_labels=1,
@@ -179,6 +263,7 @@ class ScalarModel(nn.Module):
             ref = next(policy.parameters())
             model = model.to(device=ref.device, dtype=dtype or ref.dtype)
         else:
+            check_checkpoint(policy, trust_remote_code)
             with torch.random.fork_rng(devices=[]):
                 model = AutoModelForSequenceClassification.from_pretrained(
                     str(policy),

@@ -5,21 +5,31 @@ exactly the learner's weights afterwards (checksums compared).
 - ObjectStoreSync (CPU, hf engine): learner rank 0 puts a few flat buckets in the
   Ray object store once; every generator reads the same refs.
 - VLLMSync (GPU, vllm engine): vLLM's own NCCL/IPC weight transfer.
+
+A dead generator or learner surfaces as `faults.ActorLost` naming it, so the
+driver can restart it. `only` syncs some generators (a restarted one);
+`rewind` lets generators go back to an older version (after the run rewound to
+a checkpoint).
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import ray
 
 from actors.group import WorkerGroup
+from orchestration.ppo.faults import gather
 
 
 class ObjectStoreSync:
     def __init__(self, learners: WorkerGroup, generators: list):
         self.learners, self.generators = learners, generators
 
-    def sync(self) -> dict:
-        refs, meta, checksum, version = ray.get(self.learners.call_rank0("publish_weights"))
-        got = ray.get([g.update_weights.remote(version, meta, *refs) for g in self.generators])
+    def sync(self, only: Sequence[int] | None = None, rewind: bool = False) -> dict:
+        refs, meta, checksum, version = gather([self.learners.call_rank0("publish_weights")], "learner")[0]
+        which = list(range(len(self.generators))) if only is None else list(only)
+        got = gather([self.generators[i].update_weights.remote(version, meta, *refs, rewind=rewind)
+                      for i in which], "generator", which)
         return _verified(checksum, got, version)
 
     def reconnect(self, generator) -> None:
@@ -33,11 +43,22 @@ class VLLMSync:
         self.learners, self.generators, self.backend = learners, generators, backend
         self._t.connect(learners.workers[0], generators, backend=backend)
 
-    def sync(self) -> dict:
-        version = self._t.sync(self.learners.workers[0], self.generators)  # raises on a mismatch
-        checksum = ray.get(self.learners.call_rank0("checksum"))
+    def sync(self, only: Sequence[int] | None = None, rewind: bool = False) -> dict:
+        """Every generator (an NCCL broadcast reaches the whole group); versions are set, not
+        compared, so `rewind` needs nothing."""
+        try:
+            version = self._t.sync(self.learners.workers[0], self.generators)  # raises on a mismatch
+            checksum = ray.get(self.learners.call_rank0("checksum"))
+        except ray.exceptions.RayActorError:
+            self._name_the_dead()
+            raise
         return {"synced_version": version, "synced_generators": len(self.generators),
                 "synced_checksum": checksum}
+
+    def _name_the_dead(self) -> None:
+        """Turn a death inside the transport into ActorLost for the actor that died."""
+        gather([self.learners.call_rank0("weight_version")], "learner")
+        gather([g.weight_version.remote() for g in self.generators], "generator")
 
     def reconnect(self, generator) -> None:
         self._t.connect(self.learners.workers[0], self.generators, backend=self.backend)

@@ -1,0 +1,88 @@
+"""Generation: tokens/s of our hf engine vs `model.generate(do_sample=True)`.
+
+    .venv/bin/python bench/generation.py [--quick] [--threads 1]
+
+Same untrained model, same prompts (synthetic suite, left-padded), same batch,
+T=1 with no top-k/top-p on both sides, and EOS made unreachable
+(bench.common.disable_eos) so both sides generate exactly batch x max_new_tokens
+tokens; the count is checked. One thread, as a generator actor runs. Each side
+is timed best-of-N after a warm-up call. Writes bench/results/generation.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import best_of, build_models, print_table, synthetic_prompts, write_results  # noqa: E402
+
+# (preset, model shape, max_new_tokens, batches): the tiny and small presets' models.
+CASES = [
+    ("tiny", dict(vocab_size=1024, n_layer=2, n_head=4, n_embd=128, n_positions=128), 32, [64, 256]),
+    ("small", dict(vocab_size=1024, n_layer=8, n_head=8, n_embd=512, n_positions=128), 64, [32, 128]),
+]
+QUICK = [
+    ("tiny", dict(vocab_size=1024, n_layer=2, n_head=4, n_embd=128, n_positions=128), 16, [64]),
+    ("small", dict(vocab_size=1024, n_layer=8, n_head=8, n_embd=512, n_positions=128), 16, [16]),
+]
+
+
+def hf_generate(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, pad_id: int) -> torch.Tensor:
+    """What a user writes: plain sampling at T=1 (top_k=0 turns off the default top-50)."""
+    return model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                          max_new_tokens=new_tokens, pad_token_id=pad_id)
+
+
+def run_case(name: str, shape: dict, new_tokens: int, batch: int, repeats: int, folder: Path) -> dict:
+    from actors.engines.hf_engine import HFEngine
+    from rlhf.models import load_policy
+    from rlhf.sampling import left_pad
+
+    models = build_models(folder / name, **shape)
+    tok = models.tokenizer
+    prompts = [tok(p, add_special_tokens=False)["input_ids"]
+               for p in synthetic_prompts(tok, batch, max_tokens=shape["n_positions"] - new_tokens)]
+    engine = HFEngine(str(models.policy), seed=0, device="cpu")
+    model = load_policy(models.policy).eval()
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+
+    ours = lambda: engine.generate(prompts, new_tokens, temperature=1.0, top_p=1.0)  # noqa: E731
+    theirs = lambda: hf_generate(model, ids, mask, new_tokens, tok.pad_token_id)  # noqa: E731
+    ours(), theirs()  # warm-up: first-call allocations and lazy imports
+    t_ours, s = best_of(ours, repeats)
+    t_hf, out = best_of(theirs, repeats)
+    n_ours, n_hf = int(s.action_mask.sum()), int((out.shape[1] - ids.shape[1]) * out.shape[0])
+    if n_ours != n_hf or n_ours != batch * new_tokens:
+        raise RuntimeError(f"unequal work: ours {n_ours} tokens, model.generate {n_hf}")
+    return {"preset": name, "params_M": models.params / 1e6, "batch": batch, "prompt_width": ids.shape[1],
+            "new_tokens": new_tokens, "tokens": n_ours,
+            "ours_s": t_ours, "hf_generate_s": t_hf,
+            "ours_tok_s": n_ours / t_ours, "hf_generate_tok_s": n_hf / t_hf, "speedup": t_hf / t_ours}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: short responses, small batches")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, shape, new_tokens, batches in (QUICK if args.quick else CASES):
+            for batch in batches:
+                rows.append(run_case(name, shape, new_tokens, batch, 1 if args.quick else args.repeats, Path(tmp)))
+                print_table("generation (so far)", rows[-1:], list(rows[-1]))
+    cols = ["preset", "params_M", "batch", "new_tokens", "tokens", "ours_tok_s", "hf_generate_tok_s", "speedup"]
+    print_table(f"generation, {args.threads} thread(s): our hf engine vs model.generate", rows, cols)
+    write_results("generation", {"threads": args.threads, "rows": rows}, quick=args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""Stages 0-2 on the embedded default (seeded): the measurements of issue 3.
+
+    .venv/bin/python bench/stages.py [--out DIR] [--skip-hh] [key=value ...]
+
+Runs pretrain -> SFT -> RM -> SFT selection with Ray Train on configs/tiny.yaml
+(overrides allowed), then measures on held-out data:
+- stage 0: held-out LM loss of the untrained vs the pretrained model;
+- the gold labeler's mean score of T=1 samples of the base vs the SFT model on
+  test prompts (and the share of exact answers);
+- the RM's pairwise accuracy against the noiseless gold ranking and against
+  the noisy labels, beside the noise ceiling (the gold labeler's own accuracy
+  on those noisy labels, and the nominal labeler_agreement);
+- the RM stage on HH-RLHF harmless test pairs (../shared/data) with a tiny
+  model whose tokenizer is trained on that text (skipped if the data is absent);
+- wall time of every stage.
+Prints the numbers and writes them to DIR/stages.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from orchestration import pipeline, stage_data
+from orchestration.rundir import StageDir
+from orchestration.stages import pretrain, rm
+from rlhf.config import Config, load_config
+from rlhf.data import Demonstration, PromptRecord, TextRecord, write_jsonl
+from rlhf.data.adapters import hh_rlhf
+from rlhf.models import load_policy, load_tokenizer
+from rlhf.sampling import sample
+from rlhf.synthetic import gold_score, parse_prompt
+
+ROOT = Path(__file__).resolve().parent.parent
+HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base_test.jsonl.gz"
+HH_OVERRIDES = [  # longer dialogues than the synthetic prompts; the model stays tiny
+    "data.source=files", "pretrain.enabled=false", "model.context_length=192", "model.tiny.n_positions=192",
+    "model.max_prompt_tokens=128", "model.max_response_tokens=64"]
+
+
+@torch.no_grad()
+def gold_eval(model_dir: str | Path, prompts: list[str], cfg: Config, seed: int) -> dict:
+    """Mean gold score and exact-answer rate of one T=1 sample per prompt."""
+    tokenizer, policy = load_tokenizer(model_dir), load_policy(model_dir).eval()
+    gen = torch.Generator().manual_seed(seed)
+    scores = []
+    for i in range(0, len(prompts), 64):
+        chunk = prompts[i:i + 64]
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
+        s = sample(policy, ids, cfg.model.max_response_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                   temperature=1.0, generator=gen)
+        for p, row, mask in zip(chunk, s.input_ids, s.action_mask):
+            scores.append(gold_score(parse_prompt(p), tokenizer.decode(row[mask.bool()])))
+    return {"gold_mean": sum(scores) / len(scores), "exact": sum(x == 1.0 for x in scores) / len(scores),
+            "n": len(scores)}
+
+
+def noise_ceiling(cfg: Config) -> float:
+    """Accuracy of the gold labeler itself on the noisy held-out pairs (gold ties count 1/2)."""
+    right = total = 0.0
+    for c in stage_data.load(cfg, "comparisons", "valid"):
+        task = parse_prompt(c.prompt)
+        gold = [gold_score(task, r) for r in c.responses]
+        for w, l in c.pairs():
+            right += 1.0 if gold[w] > gold[l] else 0.5 if gold[w] == gold[l] else 0.0
+            total += 1
+    return right / total
+
+
+def synthetic_run(cfg: Config) -> dict:
+    results = pipeline.main(cfg)
+    test_prompts = [r.prompt for r in stage_data.load(cfg, "prompts", "test")]
+    out = {"wall_s": {k: round(v["wall_s"], 1) for k, v in results.items()}}
+    out["pretrain"] = {k: results["pretrain"][k] for k in ("val_loss_untrained", "val_loss")}
+    out["gold_test_T1"] = {
+        "base": gold_eval(StageDir(cfg.output_dir, "pretrain").final, test_prompts, cfg, cfg.run.seed),
+        "sft": gold_eval(StageDir(cfg.output_dir, "sft").final, test_prompts, cfg, cfg.run.seed)}
+    out["sft"] = {"val_loss": results["sft"]["val_loss"], "selection": results.get("sft_select")}
+    valid = results["rm"]["valid"]
+    out["rm"] = {"acc_vs_gold": valid["gold"]["accuracy"], "acc_vs_noisy": valid["noisy"]["accuracy"],
+                 "pairs_gold": valid["gold"]["n_pairs"], "pairs_noisy": valid["noisy"]["n_pairs"],
+                 "noise_ceiling_empirical": noise_ceiling(cfg),
+                 "labeler_agreement": cfg.data.synthetic.labeler_agreement,
+                 "reward_bias": results["rm"]["reward_bias"]}
+    return out
+
+
+def write_hh_files(folder: Path) -> list[str]:
+    """HH pairs -> canonical JSONL through the adapter; the config overrides that point at them."""
+    pairs = hh_rlhf(HH_FILE)
+    files = {"comparisons": pairs,
+             "demonstrations": [Demonstration(c.prompt, c.responses[0]) for c in pairs],  # the chosen replies
+             "prompts": [PromptRecord(c.prompt) for c in pairs],
+             "pretrain_text": [TextRecord(c.prompt + c.responses[0]) for c in pairs]}
+    for name, records in files.items():
+        write_jsonl(records, folder / f"{name}.jsonl")
+    return [f"data.{name}={folder / f'{name}.jsonl'}" for name in files]
+
+
+def hh_run(out: Path, overrides: list[str]) -> dict:
+    """The RM stage on HH-RLHF pairs, from a tiny untrained model whose tokenizer knows the text."""
+    base = overrides + HH_OVERRIDES + write_hh_files(out / "hh-data") + [f"run.output_dir={out / 'hh'}"]
+    cfg = load_config("tiny", base)
+    stage_data.materialise(cfg)  # the tokenizer is trained on the training split's text
+    cfg = load_config("tiny", base + [f"model.reward={pretrain.ensure_tiny_base(cfg)}"])
+    start = time.perf_counter()
+    summary = rm.main(cfg)
+    return {"acc_vs_labels": summary["valid"]["noisy"]["accuracy"], "pairs": summary["valid"]["noisy"]["n_pairs"],
+            "train_prompts": summary["train_prompts"], "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "stages"))
+    parser.add_argument("--skip-hh", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = Path(args.out).resolve()
+    cfg = load_config("tiny", args.overrides + [f"run.output_dir={out / 'tiny'}"])
+    start = time.perf_counter()
+    report = {"command": " ".join(sys.argv), "synthetic": synthetic_run(cfg)}
+    report["synthetic"]["wall_s"]["stages_0_2_total"] = round(time.perf_counter() - start, 1)
+    if args.skip_hh or not HH_FILE.exists():
+        report["hh_rlhf"] = {"skipped": "--skip-hh" if args.skip_hh else f"{HH_FILE} not found"}
+    else:
+        report["hh_rlhf"] = hh_run(out, args.overrides)
+    (out / "stages.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Surviving lost actors and non-finite steps (issue 6), kept out of the PPO loop itself.
+
+A lost actor is one whose process died (`ray.exceptions.RayActorError`: SIGKILL,
+OOM killer, node loss). What a restart gives back depends on the role:
+
+  generator          frozen between syncs: recreated (it loads the initial policy),
+                     re-synced to the CURRENT weight version, then its prompts are
+                     retried with the same seed (so the batch is the one it would
+                     have produced)
+  reward, reference  frozen: recreated from disk, the call retried
+  critic             trained: the group is recreated, loads the last checkpoint's
+                     critic state and replays the critic calls made since then
+                     (`CallLog`), which puts it back at exactly its state before the
+                     fault (bit for bit on CPU; within float noise where GPU kernels
+                     are not deterministic); then the call is retried. The driver
+                     holds those calls' minibatches until the next checkpoint
+                     (checkpoint_every iterations of experience).
+  learner            the policy group: the run rewinds to the last checkpoint
+                     (`PPOTrainer._rewind`), since its weights, Adam moments and EMA
+                     exist nowhere else; the critic goes back to that checkpoint too
+
+Every rank of a group is replaced, never one: a gloo/NCCL group with a dead rank
+is broken for the survivors. `ppo.max_restarts` bounds restarts between two points
+of progress (a newly completed iteration), so a role that keeps dying stops the
+run instead of looping. Restart counts (`<role>_restarts` in the metrics) are
+cumulative over the driver process.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+import ray
+
+log = logging.getLogger(__name__)
+
+ROLES = ("generator", "reward", "reference", "critic", "learner")
+
+
+class ActorLost(RuntimeError):
+    """Actor `index` of `role` died while serving a call."""
+
+    def __init__(self, role: str, index: int, cause: BaseException):
+        first_line = (str(cause).splitlines() or [""])[0]
+        super().__init__(f"{role} {index} lost ({type(cause).__name__}: {first_line})")
+        self.role, self.index, self.cause = role, index, cause
+
+
+class TooManyRestarts(RuntimeError):
+    """More restarts without progress than `ppo.max_restarts` allows."""
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many optimizer steps in a row were skipped for a non-finite loss or gradient."""
+
+
+def gather(refs: Sequence[ray.ObjectRef], role: str, indices: Sequence[int] | None = None) -> list:
+    """Every ref's value; ActorLost if an actor behind any of them died, else its first error.
+
+    Waits for all refs, so when one rank of a group dies, the others' errors (a
+    broken collective) are not mistaken for the cause. `indices[i]` names the
+    actor behind refs[i] (default: i).
+    """
+    values: list[Any] = [None] * len(refs)
+    lost: ActorLost | None = None
+    error: BaseException | None = None
+    for i, ref in enumerate(refs):
+        try:
+            values[i] = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            lost = lost or ActorLost(role, indices[i] if indices else i, e)
+        except Exception as e:  # noqa: BLE001 - re-raised below unless a death explains it
+            error = error or e
+    if lost is not None:
+        raise lost
+    if error is not None:
+        raise error
+    return values
+
+
+class FaultHandler:
+    """Restarts lost roles through `restarters[role](index)` and retries the work."""
+
+    def __init__(self, max_restarts: int, restarters: dict[str, Callable[[int], None]]):
+        self.max_restarts = max_restarts
+        self.restarters = restarters
+        self.counts: Counter[str] = Counter()
+        self.events: list[dict] = []  # one per restart: iteration, phase, role, index, error
+        self.where: tuple[int, str] = (0, "start")  # (iteration, phase) now running
+        self._since_progress = 0
+        self._best = 0
+
+    def spend(self, lost: ActorLost) -> None:
+        """Count one restart of `lost.role`; raises once the budget is exhausted."""
+        self._since_progress += 1
+        if self._since_progress > self.max_restarts:
+            raise TooManyRestarts(
+                f"{lost}: {self._since_progress} actor restarts without completing a new iteration "
+                f"(ppo.max_restarts = {self.max_restarts}); giving up") from lost
+        self.counts[lost.role] += 1
+        iteration, phase = self.where
+        self.events.append({"iteration": iteration, "phase": phase, "role": lost.role,
+                            "index": lost.index, "error": type(lost.cause).__name__})
+        log.warning("%s during %s of iteration %d; restarting (%d of at most %d in a row)",
+                    lost, phase, iteration, self._since_progress, self.max_restarts)
+
+    def progress(self, completed: int) -> None:
+        """`completed` iterations are done; a new high resets the restart budget."""
+        if completed > self._best:
+            self._best, self._since_progress = completed, 0
+
+    def recover(self, lost: ActorLost, restart: Callable[[int], None]) -> None:
+        """restart(index) until it succeeds; each attempt is one restart of the budget."""
+        while True:
+            self.spend(lost)
+            try:
+                restart(lost.index)
+                return
+            except ActorLost as again:  # lost while restarting: the same role again, or another
+                if again.role != lost.role:
+                    raise
+                lost = again
+
+    def retrying(self, call: Callable[[], Any]) -> Any:
+        """call() until it returns; a lost role with a restarter is restarted in between.
+
+        A lost role without one (the learner) propagates to the caller.
+        """
+        while True:
+            try:
+                return call()
+            except ActorLost as lost:
+                restart = self.restarters.get(lost.role)
+                if restart is None:
+                    raise
+                self.recover(lost, restart)
+
+    def submit(self, role: str, submit: Callable[[], list[ray.ObjectRef]],
+               indices: Sequence[int] | None = None) -> "Pending":
+        """Start `submit()` now (so several calls run at once); `.get()` retries it if lost."""
+        return Pending(self, role, submit, indices)
+
+    def metrics(self) -> dict[str, int]:
+        return {f"{role}_restarts": self.counts[role] for role in ROLES}
+
+
+class Pending:
+    """Calls already in flight; `get` gathers them, resubmitting after a restart."""
+
+    def __init__(self, faults: FaultHandler, role: str, submit: Callable[[], list[ray.ObjectRef]],
+                 indices: Sequence[int] | None = None):
+        self.faults, self.role, self._submit, self.indices = faults, role, submit, indices
+        self._refs: list[ray.ObjectRef] | None = submit()
+
+    def get(self) -> list:
+        def attempt() -> list:
+            refs, self._refs = self._refs, None
+            return gather(refs if refs is not None else self._submit(), self.role, self.indices)
+        return self.faults.retrying(attempt)
+
+
+class CallLog:
+    """The calls made on a trained group since its last checkpoint, replayed after a restart.
+
+    Training on CPU is deterministic given the same calls in the same order, so
+    checkpoint state + replay restores the group bit for bit.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple]] = []
+
+    def record(self, method: str, *shards: Sequence) -> None:
+        self.calls.append((method, shards))
+
+    def clear(self) -> None:
+        self.calls = []
+
+    def replay(self, group, role: str) -> None:
+        for method, shards in self.calls:
+            gather(group.call_sharded(method, *shards), role)
+
+
+class NonFiniteGuard:
+    """Counts skipped (non-finite) optimizer steps in a row per model; stops at the limit."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_a_row: Counter[str] = Counter()
+
+    def observe(self, model: str, skipped: bool) -> None:
+        self.in_a_row[model] = self.in_a_row[model] + 1 if skipped else 0
+        if self.in_a_row[model] >= self.limit:
+            raise NonFiniteTraining(
+                f"{model}: {self.in_a_row[model]} optimizer steps in a row had a non-finite loss or "
+                f"gradient and were skipped (ppo.max_nonfinite_steps = {self.limit}); the weights are "
+                f"those of the last finite step. Check the reward model's scores and the learning rate")
+
+    def state_dict(self) -> dict:
+        return dict(self.in_a_row)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.in_a_row = Counter(state)

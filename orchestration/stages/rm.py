@@ -1,0 +1,144 @@
+"""Stage 2: the reward model on K-way rankings.
+
+Initialised from the SFT model (or `model.reward`) with its unembedding
+replaced by a scalar head. A batch is `rm.batch_size` prompts, each with all
+its K completions: one forward pass per completion, all C(K, 2) pairs of a
+prompt scored from them (`rlhf.losses.rm_ranking_loss`). One epoch, cosine to
+10%. Validation: pairwise accuracy on held-out rankings (the labelers' noisy
+ones and, for the synthetic task, the gold labeler's noiseless ones). Last,
+the bias that makes held-out labeler demonstrations score 0 on average.
+The PPO value model is initialised from this RM.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from orchestration import stage_data
+from orchestration.rundir import StageDir
+from orchestration.stages import harness
+from rlhf.collate import RankingBatch, TokenLimits, collate_encoded, collate_rankings, encode_comparisons, \
+    encode_demonstrations
+from rlhf.config import Config
+from rlhf.losses import rm_bias, rm_ranking_loss
+from rlhf.models import ScalarModel, last_token_index, load_tokenizer
+from rlhf.schedules import cosine_to_fraction, lambda_lr
+from rlhf.tiny import set_residual_dropout
+
+logger = logging.getLogger(__name__)
+STAGE = "rm"
+EVAL_PROMPTS = 32  # prompts per forward pass in validation
+
+
+def init_path(cfg: Config) -> str:
+    """`model.reward` if set, else the SFT model (the paper: SFT init gives similar results)."""
+    if cfg.model.reward:
+        return cfg.model.reward
+    sft = StageDir(cfg.output_dir, "sft")
+    if not sft.is_done():
+        raise RuntimeError(f"{sft.final} is missing: run SFT first (instructray sft) or set model.reward")
+    return str(sft.final)
+
+
+def rm_scores(model, batch: RankingBatch) -> torch.Tensor:
+    """One score per completion, read at its last token (works through DDP, which wraps forward)."""
+    values = model(batch.input_ids, batch.attention_mask)
+    rows = torch.arange(values.shape[0], device=values.device)
+    return values[rows, last_token_index(batch.attention_mask)]
+
+
+@torch.no_grad()
+def ranking_accuracy(ctx: harness.WorkerContext, model, groups: list, pad_id: int) -> dict:
+    """Pairwise accuracy and mean loss over held-out rankings, split between the workers."""
+    model = harness.unwrap(model).eval()
+    correct = pairs = loss_sum = prompts = 0.0
+    mine = ctx.shard(groups)
+    for i in range(0, len(mine), EVAL_PROMPTS):
+        batch = collate_rankings(mine[i:i + EVAL_PROMPTS], pad_id).to(ctx.device)
+        loss, stats = rm_ranking_loss(rm_scores(model, batch), batch.ranks, batch.group_ids)
+        n = len(mine[i:i + EVAL_PROMPTS])
+        correct, pairs = correct + stats["accuracy"] * stats["n_pairs"], pairs + stats["n_pairs"]
+        loss_sum, prompts = loss_sum + float(loss) * n, prompts + n
+    model.train()
+    correct, pairs, loss_sum, prompts = ctx.all_sum([correct, pairs, loss_sum, prompts])
+    return {"accuracy": correct / max(pairs, 1), "loss": loss_sum / max(prompts, 1), "n_pairs": int(pairs)}
+
+
+@torch.no_grad()
+def demonstration_scores(ctx: harness.WorkerContext, model, encoded: list, pad_id: int) -> list[float]:
+    """RM scores of prompt + demonstration (+ EOS) for every demonstration, from all workers."""
+    model = harness.unwrap(model).eval()
+    mine = ctx.shard(encoded)
+    out: list[float] = []
+    for i in range(0, len(mine), EVAL_PROMPTS):
+        b = collate_encoded(mine[i:i + EVAL_PROMPTS], pad_id).to(ctx.device)
+        out += model.score(b.input_ids, b.attention_mask).tolist()
+    model.train()
+    return [s for part in ctx.gather(out) for s in part]
+
+
+def train_loop(ctx: harness.WorkerContext, init: str) -> dict:
+    cfg, rc = ctx.cfg, ctx.cfg.rm
+    limits = TokenLimits(cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
+    tokenizer = load_tokenizer(init)
+    pad = tokenizer.pad_token_id
+    model = ScalarModel.from_causal_lm(init, seed=cfg.run.seed)
+    set_residual_dropout(model, 0.0)  # the SFT's dropout is not the RM's (the paper gives it none)
+    train, _ = encode_comparisons(tokenizer, stage_data.load(cfg, "comparisons", "train", tokenizer), limits)
+    valid = {"noisy": encode_comparisons(tokenizer, stage_data.load(cfg, "comparisons", "valid", tokenizer), limits)[0],
+             "gold": encode_comparisons(tokenizer, stage_data.load(cfg, "comparisons", "valid", tokenizer, gold=True),
+                                        limits)[0]}
+    valid = {name: groups for name, groups in valid.items() if groups}
+    per_epoch = len(train) // rc.batch_size
+    total = rc.epochs * per_epoch
+    model = ctx.wrap(model)  # on the device before the optimizer (and a restored state) sees it
+    optimizer = harness.make_optimizer(model, rc.lr, cfg.optimizer)
+    scheduler = lambda_lr(optimizer, cosine_to_fraction, total_steps=total, final_fraction=rc.final_lr_fraction)
+    state = harness.restore_latest(ctx, model, optimizer, scheduler)
+    model.train()
+    progress = harness.Progress(ctx, total, state.step, desc=STAGE)
+
+    for epoch in range(state.epoch, rc.epochs):
+        for idx in harness.epoch_batches(len(train), rc.batch_size, cfg.run.seed, epoch)[state.batch_in_epoch:]:
+            mine = ctx.shard(idx)
+            batch = collate_rankings([train[i] for i in mine], pad).to(ctx.device)
+            loss, stats = rm_ranking_loss(rm_scores(model, batch), batch.ranks, batch.group_ids)
+            prompts_all, loss_all, correct_all, pairs_all, tok_all = ctx.all_sum(
+                [len(mine), loss.item() * len(mine), stats["accuracy"] * stats["n_pairs"], stats["n_pairs"],
+                 float(batch.attention_mask.sum())])
+            (loss * harness.global_share(len(mine), prompts_all, ctx.world)).backward()
+            lr = scheduler.get_last_lr()[0]
+            grad_norm = harness.optimizer_step(model, optimizer, scheduler, cfg.optimizer.max_grad_norm)
+            state.next_step()
+            progress.step(state.step, tokens=tok_all, loss=loss_all / prompts_all, accuracy=correct_all / pairs_all,
+                          lr=lr, grad_norm=grad_norm)
+            if state.step % ctx.checkpoint_every == 0:
+                harness.save_checkpoint(ctx, state, model, optimizer, scheduler)
+        state.next_epoch()
+        state.extra["valid"] = {name: ranking_accuracy(ctx, model, groups, pad) for name, groups in valid.items()}
+        progress.log(state.step, epoch=state.epoch, **{f"val_{name}_{k}": v for name, r in state.extra["valid"].items()
+                                                     for k, v in r.items()})
+        harness.save_checkpoint(ctx, state, model, optimizer, scheduler)
+
+    demos, _ = encode_demonstrations(tokenizer, stage_data.load(cfg, "demonstrations", "valid", tokenizer), limits)
+    raw = harness.unwrap(model)
+    raw.reward_bias = 0.0
+    raw.reward_bias = rm_bias(torch.tensor(demonstration_scores(ctx, model, demos, pad))) if rc.normalize else 0.0
+    demo_mean = sum(demonstration_scores(ctx, model, demos, pad)) / len(demos)
+    progress.log(state.step, reward_bias=raw.reward_bias, demo_score_mean=demo_mean)
+    progress.close()
+    harness.save_hf(ctx, ctx.stage.final, model, tokenizer)
+    return {"valid": state.extra["valid"], "reward_bias": raw.reward_bias, "demo_score_mean": demo_mean,
+            "steps": state.step, "train_prompts": len(train),
+            "weights_checksums": ctx.gather(harness.weights_checksum(model))}
+
+
+def main(cfg: Config, resume: bool = False, checkpoint_every: int | None = None) -> dict:
+    harness.prepare_stage_dir(StageDir(cfg.output_dir, STAGE), resume)
+    stage_data.materialise(cfg)
+    summary = harness.run_stage(cfg, STAGE, train_loop, cfg.rm.num_workers,
+                                checkpoint_every=checkpoint_every, init=init_path(cfg))
+    logger.info("stage 2: held-out pairwise accuracy %s; reward bias %.3f",
+                {k: round(v["accuracy"], 4) for k, v in summary["valid"].items()}, summary["reward_bias"])
+    return summary

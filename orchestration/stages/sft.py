@@ -1,0 +1,172 @@
+"""Stage 1: supervised fine-tuning on demonstrations; also the PPO-init SFT (section `ppo_init_sft`).
+
+Paper (Appendix C): residual dropout, cosine decay to 10% with no warmup, loss
+on response tokens only; the PPO-init variant mixes pretraining text into
+each batch (10%). Each epoch is validated and kept as an HF checkpoint under
+`<stage>/epochs/`; `final/` is the last epoch until a reward model exists,
+then `select_by_rm` picks the epoch whose T=1 samples the RM scores highest on
+validation prompts (the paper's rule).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from orchestration import stage_data
+from orchestration.rundir import StageDir, atomic_write_dir
+from orchestration.stages import harness
+from orchestration.stages.pretrain import base_model, heldout_loss
+from rlhf.collate import LMBatch, TokenLimits, collate_encoded, encode_demonstrations, lm_batch, pack_text
+from rlhf.config import Config, SFTConfig
+from rlhf.forward import policy_logits
+from rlhf.losses import ptx_lm_loss
+from rlhf.models import ScalarModel, load_policy, load_tokenizer
+from rlhf.sampling import sample
+from rlhf.schedules import cosine_to_fraction, lambda_lr
+from rlhf.tiny import set_residual_dropout
+
+logger = logging.getLogger(__name__)
+SELECTION = "selection.json"
+SAMPLE_CHUNK = 64  # prompts per sampling call during model selection
+
+
+def limits(cfg: Config) -> TokenLimits:
+    return TokenLimits(cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
+
+
+def epoch_dirs(stage: StageDir) -> list[Path]:
+    return sorted(p for p in (stage.path / "epochs").glob("epoch_*") if (p / "COMPLETE").exists())
+
+
+def sft_loss(ctx: harness.WorkerContext, model, demos: LMBatch, ptx: LMBatch) -> tuple[torch.Tensor, dict]:
+    """(1 - f) * demonstration loss (response tokens only) + f * pretraining LM loss.
+
+    f is the pretraining share of the global batch's examples, so each example
+    weighs the same; each part is a mean over the global batch's targets. One
+    forward pass over both parts (DDP expects one forward per backward).
+    """
+    n = len(demos)
+    both = LMBatch.concat([demos, ptx])
+    logits = policy_logits(model, both.input_ids, both.attention_mask)
+    d_loss = ptx_lm_loss(logits[:n], both.input_ids[:n], both.loss_mask[:n])
+    p_loss = ptx_lm_loss(logits[n:], both.input_ids[n:], both.loss_mask[n:])  # 0 when empty
+    d_n, p_n = float(demos.loss_mask[:, 1:].sum()), float(ptx.loss_mask[:, 1:].sum())
+    d_all, p_all, d_rows, p_rows, d_sum, p_sum, tok_all = ctx.all_sum(
+        [d_n, p_n, n, len(ptx), d_loss.item() * d_n, p_loss.item() * p_n, float(both.attention_mask.sum())])
+    f = p_rows / (d_rows + p_rows)
+    loss = ((1 - f) * d_loss * harness.global_share(d_n, d_all, ctx.world)
+            + f * p_loss * harness.global_share(p_n, p_all, ctx.world))
+    demo_loss, ptx_loss = d_sum / d_all, (p_sum / p_all if p_all else 0.0)
+    return loss, {"loss": (1 - f) * demo_loss + f * ptx_loss, "demo_loss": demo_loss,
+                  "ptx_loss": ptx_loss, "tokens": tok_all}
+
+
+def save_policy(ctx: harness.WorkerContext, target: Path, model, tokenizer, dropout: float) -> None:
+    """Saved without dropout: it is a training setting, and PPO must not inherit it."""
+    set_residual_dropout(harness.unwrap(model), 0.0)
+    harness.save_hf(ctx, target, model, tokenizer)
+    set_residual_dropout(harness.unwrap(model), dropout)
+
+
+def train_loop(ctx: harness.WorkerContext, section: str, base: str) -> dict:
+    cfg = ctx.cfg
+    sc: SFTConfig = getattr(cfg, section)
+    tokenizer = load_tokenizer(base)
+    model = load_policy(base)
+    set_residual_dropout(model, sc.resid_pdrop)
+    pad = tokenizer.pad_token_id
+    train, _ = encode_demonstrations(tokenizer, stage_data.load(cfg, "demonstrations", "train", tokenizer), limits(cfg))
+    valid_enc, _ = encode_demonstrations(tokenizer, stage_data.load(cfg, "demonstrations", "valid", tokenizer), limits(cfg))
+    valid = [collate_encoded(valid_enc[i:i + sc.batch_size], pad) for i in range(0, len(valid_enc), sc.batch_size)]
+    n_ptx = round(sc.batch_size * sc.ptx_fraction)
+    n_demo = sc.batch_size - n_ptx
+    blocks = (pack_text(tokenizer, [r.text for r in stage_data.load(cfg, "pretrain", "train")],
+                        cfg.model.context_length) if n_ptx else torch.zeros((0, 1), dtype=torch.long))
+    per_epoch = len(train) // n_demo
+    total = sc.epochs * per_epoch
+    model = ctx.wrap(model)  # on the device before the optimizer (and a restored state) sees it
+    optimizer = harness.make_optimizer(model, sc.lr, cfg.optimizer)
+    scheduler = lambda_lr(optimizer, cosine_to_fraction, total_steps=total, final_fraction=sc.final_lr_fraction)
+    state = harness.restore_latest(ctx, model, optimizer, scheduler)
+    model.train()
+    progress = harness.Progress(ctx, total, state.step, desc=section)
+
+    for epoch in range(state.epoch, sc.epochs):
+        for idx in harness.epoch_batches(len(train), n_demo, cfg.run.seed, epoch)[state.batch_in_epoch:]:
+            demos = collate_encoded([train[i] for i in ctx.shard(idx)], pad).to(ctx.device)
+            ptx_idx = harness.stream_batch(len(blocks), n_ptx, cfg.run.seed, state.step) if n_ptx else []
+            ptx = lm_batch(blocks[ctx.shard(ptx_idx)]).to(ctx.device)
+            loss, stats = sft_loss(ctx, model, demos, ptx)
+            loss.backward()
+            lr = scheduler.get_last_lr()[0]
+            grad_norm = harness.optimizer_step(model, optimizer, scheduler, cfg.optimizer.max_grad_norm)
+            state.next_step()
+            progress.step(state.step, lr=lr, grad_norm=grad_norm, **stats)
+            if state.step % ctx.checkpoint_every == 0:
+                harness.save_checkpoint(ctx, state, model, optimizer, scheduler)
+        val_loss = heldout_loss(ctx, model, valid)
+        state.next_epoch()
+        state.extra.setdefault("val_loss", []).append(val_loss)
+        progress.log(state.step, val_loss=val_loss, epoch=state.epoch)
+        save_policy(ctx, ctx.stage.path / "epochs" / f"epoch_{state.epoch:03d}", model, tokenizer, sc.resid_pdrop)
+        harness.save_checkpoint(ctx, state, model, optimizer, scheduler)
+
+    progress.close()
+    save_policy(ctx, ctx.stage.final, model, tokenizer, sc.resid_pdrop)
+    return {"val_loss": state.extra["val_loss"], "steps": state.step, "train_examples": len(train),
+            "final_epoch": sc.epochs, "weights_checksums": ctx.gather(harness.weights_checksum(model))}
+
+
+@torch.no_grad()
+def mean_rm_score(policy, rm: ScalarModel, prompt_ids: list[list[int]], max_new_tokens: int,
+                  eos_id: int, pad_id: int, seed: int) -> float:
+    """Mean RM score of one T=1 sample per prompt (same sampler seed for every policy compared)."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = []
+    for i in range(0, len(prompt_ids), SAMPLE_CHUNK):
+        s = sample(policy, prompt_ids[i:i + SAMPLE_CHUNK], max_new_tokens, eos_id, pad_id,
+                   temperature=1.0, generator=gen)
+        scores.append(rm.score(s.input_ids, s.attention_mask))
+    return float(torch.cat(scores).mean())
+
+
+def rm_final(cfg: Config) -> Path:
+    return StageDir(cfg.output_dir, "rm").final
+
+
+def can_select(cfg: Config, section: str = "sft") -> bool:
+    return getattr(cfg, section).select_by_rm and StageDir(cfg.output_dir, "rm").is_done()
+
+
+def select_by_rm(cfg: Config, section: str = "sft") -> dict:
+    """Make `final/` the epoch whose samples the RM scores highest on validation prompts."""
+    stage = StageDir(cfg.output_dir, section)
+    dirs = epoch_dirs(stage)
+    tokenizer = load_tokenizer(dirs[-1])
+    rm = ScalarModel.from_pretrained(rm_final(cfg)).eval()
+    prompts = [r.prompt for r in stage_data.load(cfg, "prompts", "valid", tokenizer)]
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    scores = {d.name: mean_rm_score(load_policy(d).eval(), rm, ids, cfg.model.max_response_tokens,
+                                    tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.run.seed)
+              for d in dirs}
+    best = max(scores, key=scores.get)
+    atomic_write_dir(stage.final, lambda out: shutil.copytree(stage.path / "epochs" / best, out, dirs_exist_ok=True))
+    result = {"selected": best, "rm_score": scores, "n_prompts": len(ids)}
+    (stage.path / SELECTION).write_text(json.dumps(result, indent=1))
+    logger.info("%s: selected %s by RM score %s", section, best, scores)
+    return result
+
+
+def main(cfg: Config, resume: bool = False, section: str = "sft", checkpoint_every: int | None = None) -> dict:
+    sc: SFTConfig = getattr(cfg, section)
+    harness.prepare_stage_dir(StageDir(cfg.output_dir, section), resume)
+    stage_data.materialise(cfg)
+    summary = harness.run_stage(cfg, section, train_loop, sc.num_workers, checkpoint_every=checkpoint_every,
+                                section=section, base=base_model(cfg))
+    if can_select(cfg, section):
+        summary["selection"] = select_by_rm(cfg, section)
+    return summary

@@ -1,0 +1,99 @@
+"""Shared fixtures: one local Ray instance and one tiny pipeline run (stages 0-2) per session.
+
+`TorchTrainer.fit()` costs ~20 s of fixed start-up, so the stage tests share one
+run and check different things on it; pure parts are tested by direct calls.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf.config import Config, load_config
+from rlhf.synthetic import tokenizer_training_text
+from rlhf.tiny import build_tiny_model, train_tokenizer
+
+# A few dozen steps per stage on a 1-layer, 32-wide model; a few hundred examples.
+TINY = [
+    "model.tiny.vocab_size=400", "model.tiny.n_layer=1", "model.tiny.n_head=2", "model.tiny.n_embd=32",
+    "model.tiny.n_positions=96", "model.context_length=96", "model.max_prompt_tokens=64",
+    "model.max_response_tokens=16",
+    "data.synthetic.num_demonstrations=192", "data.synthetic.num_comparisons=96",
+    "data.synthetic.num_prompts=32", "data.synthetic.num_pretrain_docs=300",
+    "data.synthetic.num_eval_prompts=48", "eval.num_pretrain_docs=60",
+    "pretrain.steps=16", "pretrain.batch_size=16", "pretrain.seq_len=64", "pretrain.lr=5e-3",
+    "sft.epochs=2", "sft.batch_size=16", "rm.batch_size=8",
+]
+# The shared run trains SFT and the RM on 2 DDP workers, SFT without dropout so
+# that tests/integration/test_ddp.py can compare its curve with one worker's.
+SHARED_RUN = ["sft.num_workers=2", "sft.resid_pdrop=0.0", "rm.num_workers=2"]
+
+
+def _tiny_config(output_dir, *overrides: str) -> Config:
+    return load_config("tiny", [*TINY, f"run.output_dir={output_dir}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """tiny_config(output_dir, *overrides) -> the tiny test Config."""
+    return _tiny_config
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_local, tmp_path_factory):
+    """(config, {step: summary}) of pretrain -> SFT -> RM -> SFT selection on Ray Train."""
+    from orchestration import pipeline
+
+    cfg = _tiny_config(tmp_path_factory.mktemp("tiny_run"), *SHARED_RUN)
+    return cfg, pipeline.main(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return train_tokenizer(tokenizer_training_text(0, n_docs=200), vocab_size=400, model_max_length=96)
+
+
+@pytest.fixture
+def tiny_lm(tiny_tokenizer):
+    torch.manual_seed(0)
+    return build_tiny_model(tiny_tokenizer, n_layer=1, n_head=2, n_embd=32, n_positions=96, seed=0)
+
+
+def _write_tiny_ppo_inputs(root, cfg: Config, rm_head_fill: float | None = None) -> None:
+    """An untrained tiny SFT policy (sft/final) and RM (rm/final), saved as stages 1-2 save theirs.
+
+    rm_head_fill: overwrite the RM's scalar head with this value (e.g. nan) in the saved
+    checkpoint, to feed non-finite rewards through the real data path.
+    """
+    from orchestration.rundir import StageDir, atomic_write_dir
+    from rlhf.models import ScalarModel
+
+    tok = train_tokenizer(tokenizer_training_text(0, n_docs=300), vocab_size=cfg.model.tiny.vocab_size)
+    policy = build_tiny_model(tok, n_layer=1, n_head=2, n_embd=32, n_positions=96, seed=0)
+    rm = ScalarModel.from_causal_lm(policy, seed=1)
+    if rm_head_fill is not None:
+        with torch.no_grad():
+            rm.head.weight.fill_(rm_head_fill)
+
+    def save(model):
+        def write(d):
+            model.save_pretrained(d)
+            tok.save_pretrained(d)
+        return write
+
+    atomic_write_dir(StageDir(root, "sft").final, save(policy))
+    atomic_write_dir(StageDir(root, "rm").final, save(rm))
+
+
+@pytest.fixture(scope="session")
+def tiny_ppo_inputs():
+    """tiny_ppo_inputs(root, cfg, rm_head_fill=None): writes sft/final and rm/final under root."""
+    return _write_tiny_ppo_inputs
