@@ -1,8 +1,9 @@
 """`instructray run`: the enabled steps in order; a step whose result is complete is skipped.
 
-Steps so far: stage 0 (tiny pretraining), stage 1 (SFT), stage 2 (RM), the
-SFT model selection by RM score (it needs the RM, which is initialised from
-the SFT model), and the PPO-init SFT. Later stages append to `STEPS`.
+Steps: stage 0 (tiny pretraining), stage 1 (SFT), stage 2 (RM), the SFT model
+selection by RM score (it needs the RM, which is initialised from the SFT
+model), the PPO-init SFT, stage 3 (PPO-ptx, and plain PPO for the comparison),
+and the evaluation with its report.
 `resume` continues an interrupted step from its last checkpoint; without it an
 unfinished step starts over.
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from orchestration.rundir import StageDir, write_run_config
-from orchestration.stages import pretrain, rm, sft
+from orchestration.stages import evaluate, ppo, pretrain, rm, sft
 from rlhf.config import Config
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,10 @@ STEPS: list[Step] = [
          lambda c, resume: sft.select_by_rm(c, "sft")),
     Step("ppo_init_sft", lambda c: c.ppo_init_sft.enabled, stage_done("ppo_init_sft"),
          lambda c, resume: sft.main(c, resume=resume, section="ppo_init_sft")),
+    Step("ppo", lambda c: c.ppo.enabled, lambda c: all(StageDir(c.output_dir, n).is_done() for n, _ in ppo.runs(c)),
+         lambda c, resume: {"finals": [str(f) for f in ppo.main(c, resume=resume)]}),
+    Step("eval", lambda c: True, lambda c: False,
+         lambda c, resume: {"report": str(evaluate.main(c)["report"])}),
 ]
 
 
