@@ -23,10 +23,7 @@ driver's data-stream positions; per-iteration seeds derive from (seed, iteration
 from __future__ import annotations
 
 import logging
-import os
 import random
-import shutil
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from actors import WorkerGroup
+from orchestration.ppo import checkpoints
 from orchestration.ppo.faults import ActorLost, CallLog, FaultHandler, NonFiniteGuard, gather
 from orchestration.ppo.streams import BlockStream, Stream
 from orchestration.ppo.team import ActorTeam
@@ -44,7 +42,6 @@ from orchestration.rundir import MetricsLogger, StageDir
 from rlhf.collate import lm_batch
 from rlhf.config import Config
 from rlhf.experience import Experience, Rollout, build_experience
-from rlhf.models import load_state_file
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +74,7 @@ class PPOTrainer:
         self.faults = FaultHandler(self.p.max_restarts, {
             "generator": t.restart_generator, "reward": lambda _: t.restart_reward(),
             "reference": lambda _: t.restart_reference(),
-            "critic": lambda _: t.restart_critics(self._checkpointed("critic.pt"), self.critic_calls)})
+            "critic": lambda _: t.restart_critics(checkpoints.latest(self.stage, "critic.pt"), self.critic_calls)})
 
     def _rewind(self, _: int = 0) -> None:
         """After a learner loss: a fresh policy group; it and the critic back at the last checkpoint."""
@@ -85,7 +82,7 @@ class PPOTrainer:
         if self.stage.latest_checkpoint() is None:  # back to the start: the critic's initial weights
             self.team.restart_critics(None, CallLog())
         self._restore()
-        _truncate_metrics(self.stage.metrics_file, self.iteration)
+        checkpoints.truncate_metrics(self.stage.metrics_file, self.iteration)
         self.sync_weights(rewind=True)
 
     # ---- the loop -----------------------------------------------------------------
@@ -98,7 +95,7 @@ class PPOTrainer:
         try:
             if resume:
                 self._restore()
-            _truncate_metrics(self.stage.metrics_file, self.iteration)
+            checkpoints.truncate_metrics(self.stage.metrics_file, self.iteration)
             self.sync_weights()
         except ActorLost as lost:  # a learner rank already: the rewind does the same start
             self.faults.recover(lost, self._rewind)
@@ -277,37 +274,25 @@ class PPOTrainer:
         team = self.team
         policy = self.faults.submit("learner", lambda: [team.learners.call_rank0("state_dict_for_checkpoint")])
         critic = self.faults.submit("critic", lambda: [team.critics.call_rank0("state_dict_for_checkpoint")])
-        policy_state, critic_state = policy.get()[0], critic.get()[0]
-
-        def write(tmp: Path) -> None:
-            torch.save(policy_state, tmp / "policy.pt")
-            _pause_for_tests()
-            torch.save(critic_state, tmp / "critic.pt")
-            torch.save(self._driver_state(), tmp / "driver.pt")
-        path = self.stage.save_checkpoint(self.iteration, write)
+        states = {"policy.pt": policy.get()[0], "critic.pt": critic.get()[0], "driver.pt": self._driver_state()}
+        path = checkpoints.save(self.stage, self.iteration, states)
         self.critic_calls.clear()  # the checkpoint now holds the critic's state
         return path
 
-    def _checkpointed(self, name: str) -> dict | None:
-        ckpt = self.stage.latest_checkpoint()
-        return load_state_file(ckpt / name) if ckpt is not None else None
-
     def _restore(self) -> None:
         """The last complete checkpoint into the learner groups and the driver (none: the start)."""
-        _remove_half_written(self.stage)
+        checkpoints.remove_half_written(self.stage)
         ckpt = self.stage.latest_checkpoint()
         self.critic_calls.clear()
         if ckpt is None:
             log.info("no checkpoint in %s; starting from iteration 0", self.stage.checkpoints)
             self._load_driver_state(self._initial_state)
             return
-        state = load_state_file(ckpt / "driver.pt")
-        policy = load_state_file(ckpt / "policy.pt")
-        critic = load_state_file(ckpt / "critic.pt")
-        gather(self.team.learners.call_all("load_checkpoint_state", policy), "learner")
+        states = checkpoints.load(ckpt)
+        gather(self.team.learners.call_all("load_checkpoint_state", states["policy.pt"]), "learner")
         self.faults.retrying(lambda: gather(
-            self.team.critics.call_all("load_checkpoint_state", critic), "critic"))
-        self._load_driver_state(state)
+            self.team.critics.call_all("load_checkpoint_state", states["critic.pt"]), "critic"))
+        self._load_driver_state(states["driver.pt"])
         log.info("resumed %s at iteration %d from %s", self.stage.path.name, self.iteration, ckpt)
 
     def save_final(self) -> Path:
@@ -327,29 +312,3 @@ def _split_evenly(items: list, parts: int) -> list[list]:
 def _mean_stats(rows: list[dict]) -> dict:
     keys = {k for r in rows for k, v in r.items() if isinstance(v, (int, float))}
     return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
-
-
-def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop metric rows of iterations a resumed run will redo."""
-    import json
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] < iteration]
-        path.write_text("".join(r + "\n" for r in rows))
-
-
-def _remove_half_written(stage: StageDir) -> None:
-    """Temporary checkpoint folders of a driver that died mid-write; never loaded, now removed."""
-    if stage.checkpoints.exists():
-        for tmp in stage.checkpoints.glob(".step_*.tmp-*"):
-            if tmp.name.rsplit("-", 1)[-1] != str(os.getpid()):
-                log.warning("removing half-written checkpoint %s", tmp)
-                shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pause_for_tests() -> None:
-    """Test hook: INSTRUCTRAY_TEST_CHECKPOINT_PAUSE_S makes the checkpoint writer sleep after its
-    first file, so a test can SIGKILL the driver mid-write. Unset (always, outside tests): no-op."""
-    pause = float(os.environ.get("INSTRUCTRAY_TEST_CHECKPOINT_PAUSE_S", "0") or 0)
-    if pause > 0:
-        time.sleep(pause)
