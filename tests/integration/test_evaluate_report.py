@@ -148,7 +148,7 @@ def test_improved_policies_beat_sft(run):
     _, results, _ = run
     for name in ("PPO", "PPO-ptx"):
         r = results["policies"][name]
-        assert r["gold_win_rate"] > 0.7 and r["gold_win_rate_ci"][0] > 0.5, (name, r["gold_win_rate"])
+        assert r["gold_win_rate"] > 0.6 and r["gold_win_rate_ci"][0] > 0.5, (name, r["gold_win_rate"])
         assert r["gold_score_mean"] > results["policies"]["SFT"]["gold_score_mean"] + 0.1
 
 

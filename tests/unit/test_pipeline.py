@@ -23,7 +23,7 @@ def test_runs_enabled_steps_in_order_and_skips_complete_ones(tmp_path):
 
 
 def test_default_steps_follow_the_paper_order():
-    assert [s.name for s in pipeline.STEPS] == ["pretrain", "sft", "rm", "sft_select", "ppo_init_sft"]
+    assert [s.name for s in pipeline.STEPS] == ["pretrain", "sft", "rm", "sft_select", "ppo_init_sft", "ppo", "eval"]
     cfg = load_config("tiny", ["rm.enabled=false"])
     enabled = [s.name for s in pipeline.STEPS if s.enabled(cfg)]
     assert "sft_select" not in enabled and "rm" not in enabled  # no RM, no selection by RM
