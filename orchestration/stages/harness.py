@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from rlhf.config import Config, OptimizerConfig
-from orchestration.rundir import MetricsLogger, StageDir, read_metrics
+from orchestration.rundir import MetricsLogger, StageDir, atomic_write_dir, read_metrics
 
 DEFAULT_CHECKPOINT_EVERY = 100  # optimizer steps; stages 0-2 have no config field for it yet
 SUMMARY = "summary.json"
@@ -213,8 +213,6 @@ def truncate_metrics(path: Path, last_step: int) -> int:
 
 def save_hf(ctx: WorkerContext, target: Path, model, tokenizer) -> None:
     """Rank 0 writes an HF directory (model + tokenizer) atomically; everyone waits."""
-    from orchestration.rundir import atomic_write_dir
-
     if ctx.is_main:
         atomic_write_dir(target, lambda d: (unwrap(model).save_pretrained(d), tokenizer.save_pretrained(d)))
     ctx.barrier()

@@ -53,7 +53,8 @@ def tiny_run(ray_local, tmp_path_factory):
     from orchestration import pipeline
 
     cfg = _tiny_config(tmp_path_factory.mktemp("tiny_run"), *SHARED_RUN)
-    return cfg, pipeline.main(cfg)
+    stages_0_2 = [s for s in pipeline.STEPS if s.name in ("pretrain", "sft", "rm", "sft_select")]
+    return cfg, pipeline.main(cfg, steps=stages_0_2)
 
 
 @pytest.fixture(scope="session")
