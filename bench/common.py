@@ -62,6 +62,20 @@ def write_results(name: str, payload: dict, quick: bool = False) -> Path:
     return path
 
 
+def start_local_ray(num_cpus: int = 2) -> None:
+    """A fresh local Ray instance of `num_cpus` CPUs, never a cluster already running here.
+
+    The actors' environment is orchestration.cluster.connect's (no hub, quiet
+    tokenizers); variables set in this process (e.g. THP_MEM_ALLOC_ENABLE) reach them too.
+    """
+    import ray
+
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+    os.environ.update(env)
+    ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=False,
+             logging_level="WARNING")
+
+
 def best_of(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     """(fastest wall seconds, last result) over `repeats` calls: the least disturbed by other load."""
     best, out = float("inf"), None

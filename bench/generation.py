@@ -37,7 +37,18 @@ def hf_generate(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, p
                           max_new_tokens=new_tokens, pad_token_id=pad_id)
 
 
-def run_case(name: str, shape: dict, new_tokens: int, batch: int, repeats: int, folder: Path) -> dict:
+def op_profile(fn) -> dict[str, float]:
+    """CPU seconds per torch op over one call, largest first: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {e.key: e.self_cpu_time_total / 1e6 for e in events}
+
+
+def run_case(name: str, shape: dict, new_tokens: int, batch: int, repeats: int, folder: Path,
+             profile_ops: bool = False) -> dict:
     from actors.engines.hf_engine import HFEngine
     from rlhf.models import load_policy
     from rlhf.sampling import left_pad
@@ -58,10 +69,15 @@ def run_case(name: str, shape: dict, new_tokens: int, batch: int, repeats: int, 
     n_ours, n_hf = int(s.action_mask.sum()), int((out.shape[1] - ids.shape[1]) * out.shape[0])
     if n_ours != n_hf or n_ours != batch * new_tokens:
         raise RuntimeError(f"unequal work: ours {n_ours} tokens, model.generate {n_hf}")
-    return {"preset": name, "params_M": models.params / 1e6, "batch": batch, "prompt_width": ids.shape[1],
-            "new_tokens": new_tokens, "tokens": n_ours,
-            "ours_s": t_ours, "hf_generate_s": t_hf,
-            "ours_tok_s": n_ours / t_ours, "hf_generate_tok_s": n_hf / t_hf, "speedup": t_hf / t_ours}
+    row = {"preset": name, "params_M": models.params / 1e6, "batch": batch, "prompt_width": ids.shape[1],
+           "new_tokens": new_tokens, "tokens": n_ours,
+           "ours_s": t_ours, "hf_generate_s": t_hf,
+           "ours_tok_s": n_ours / t_ours, "hf_generate_tok_s": n_hf / t_hf, "speedup": t_hf / t_ours}
+    if profile_ops:
+        mine, hf = op_profile(ours), op_profile(theirs)
+        top = list(dict.fromkeys(list(mine)[:6] + list(hf)[:6]))
+        row["profile"] = [{"op": op, "ours": mine.get(op, 0.0), "hf_generate": hf.get(op, 0.0)} for op in top]
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,11 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, shape, new_tokens, batches in (QUICK if args.quick else CASES):
-            for batch in batches:
-                rows.append(run_case(name, shape, new_tokens, batch, 1 if args.quick else args.repeats, Path(tmp)))
-                print_table("generation (so far)", rows[-1:], list(rows[-1]))
+            for i, batch in enumerate(batches):
+                rows.append(run_case(name, shape, new_tokens, batch, 1 if args.quick else args.repeats, Path(tmp),
+                                     profile_ops=i == 0))
+                print_table("generation (so far)", rows[-1:], [k for k in rows[-1] if k != "profile"])
     cols = ["preset", "params_M", "batch", "new_tokens", "tokens", "ours_tok_s", "hf_generate_tok_s", "speedup"]
     print_table(f"generation, {args.threads} thread(s): our hf engine vs model.generate", rows, cols)
+    for r in rows:
+        if "profile" in r:
+            print_table(f"CPU seconds by op in one call, {r['preset']} batch {r['batch']} (each side's top ops)",
+                        r["profile"], ["op", "ours", "hf_generate"])
     write_results("generation", {"threads": args.threads, "rows": rows}, quick=args.quick)
     return 0
 

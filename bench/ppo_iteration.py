@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import build_models, load_average, print_table, ptx_blocks, synthetic_prompts, write_results  # noqa: E402,E501
+from bench.common import (build_models, load_average, print_table, ptx_blocks, start_local_ray,  # noqa: E402
+                          synthetic_prompts, write_results)
 from bench.plain_loop import PlainPPO  # noqa: E402
 
 PHASES = ["generate", "score", "learn", "ptx", "sync"]
@@ -51,11 +52,10 @@ def summarise(system: str, preset: str, rows: list[dict], ptx_s: float) -> dict:
 def run_ours(cfg, models, prompts: list[str], blocks: torch.Tensor, iterations: int, root: Path) -> dict:
     import ray
 
-    from orchestration.cluster import connect
     from orchestration.ppo.trainer import PPOInputs, PPOTrainer
     from orchestration.rundir import StageDir
 
-    connect(cfg)
+    start_local_ray(2)
     inputs = PPOInputs(policy=models.policy, reward_model=models.reward, tokenizer=models.tokenizer,
                        prompts=prompts, ptx_blocks=blocks)
     trainer = PPOTrainer(cfg, StageDir(root, "ppo"), inputs, ptx_coef=cfg.ppo.ptx_coef)

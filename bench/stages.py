@@ -72,8 +72,11 @@ def noise_ceiling(cfg: Config) -> float:
     return right / total
 
 
+STAGES_0_2 = ("pretrain", "sft", "rm", "sft_select")
+
+
 def synthetic_run(cfg: Config) -> dict:
-    results = pipeline.main(cfg)
+    results = pipeline.main(cfg, steps=[s for s in pipeline.STEPS if s.name in STAGES_0_2])
     test_prompts = [r.prompt for r in stage_data.load(cfg, "prompts", "test")]
     out = {"wall_s": {k: round(v["wall_s"], 1) for k, v in results.items()}}
     out["pretrain"] = {k: results["pretrain"][k] for k in ("val_loss_untrained", "val_loss")}

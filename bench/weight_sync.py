@@ -29,7 +29,7 @@ import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import build_models, print_table, write_results  # noqa: E402
+from bench.common import build_models, print_table, start_local_ray, write_results  # noqa: E402
 
 # GPT-2 shapes of ~10M and ~100M parameters (vocab 1024)
 POLICIES = {"10M": dict(n_layer=12, n_head=4, n_embd=256), "100M": dict(n_layer=14, n_head=12, n_embd=768)}
@@ -164,11 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: the 10M policy, 1-2 generators")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    from orchestration.cluster import connect
-    from rlhf.config import load_config
-
     torch.set_num_threads(1)
-    connect(load_config("tiny", ["resources.num_cpus=2"]))
+    start_local_ray(2)
     repeats = 1 if args.quick else args.repeats
     policies, n_gens = (QUICK_POLICIES, [1, 2]) if args.quick else (POLICIES, [1, 2, 4])
     rows = []

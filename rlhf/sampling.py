@@ -19,6 +19,7 @@ Where the time goes, and what this file does about it (bench/generation.py):
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Sequence
 
 import torch
@@ -101,6 +102,11 @@ def _num_layers(model) -> int:
     return model.config.get_text_config(decoder=True).num_hidden_layers
 
 
+def _last_logits_only(model) -> dict:
+    """`logits_to_keep=1` where the model takes it (transformers' causal LMs do)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     if top_p >= 1.0:
         return logits
@@ -153,11 +159,11 @@ def sample(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id:
     live = torch.ones(batch, dtype=torch.bool, device=device)  # cache rows still sampling
     step_ids, step_pos = ids, position_ids_from_mask(mask)
     next_pos = mask.sum(1, keepdim=True)
-    used = 0
+    used, last_only = 0, _last_logits_only(model)
     for t in range(max_new_tokens):
         length = width + t
         logits = model(input_ids=step_ids, attention_mask=attn[:, :length], position_ids=step_pos,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                       past_key_values=cache, use_cache=True, **last_only).logits[:, -1]
         token, logp = _draw(logits, temperature, top_p, generator)
         out = rows[live]
         out_tokens[out, t], out_logp[out, t], out_mask[out, t] = token[live], logp[live], 1

@@ -58,22 +58,25 @@ class NonFiniteTraining(RuntimeError):
 def gather(refs: Sequence[ray.ObjectRef], role: str, indices: Sequence[int] | None = None) -> list:
     """Every ref's value; ActorLost if an actor behind any of them died, else its first error.
 
-    Waits for all refs, so when one rank of a group dies, the others' errors (a
-    broken collective) are not mistaken for the cause. `indices[i]` names the
-    actor behind refs[i] (default: i).
+    Waits until every ref has finished or one actor is known dead, so the other
+    ranks' errors (a broken collective) are not mistaken for the cause, and a
+    survivor stuck in a collective with the dead rank (until the gloo timeout,
+    minutes) does not hold the restart up: the restart replaces it anyway.
+    `indices[i]` names the actor behind refs[i] (default: i).
     """
     values: list[Any] = [None] * len(refs)
-    lost: ActorLost | None = None
+    position = {ref: i for i, ref in enumerate(refs)}
     error: BaseException | None = None
-    for i, ref in enumerate(refs):
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        i = position[ready[0]]
         try:
-            values[i] = ray.get(ref)
+            values[i] = ray.get(ready[0])
         except ray.exceptions.RayActorError as e:
-            lost = lost or ActorLost(role, indices[i] if indices else i, e)
+            raise ActorLost(role, indices[i] if indices else i, e) from e
         except Exception as e:  # noqa: BLE001 - re-raised below unless a death explains it
             error = error or e
-    if lost is not None:
-        raise lost
     if error is not None:
         raise error
     return values

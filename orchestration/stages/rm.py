@@ -78,18 +78,21 @@ def demonstration_scores(ctx: harness.WorkerContext, model, encoded: list, pad_i
     return [s for part in ctx.gather(out) for s in part]
 
 
+def rankings(cfg: Config, tokenizer, split: str, gold: bool = False) -> list:
+    """Encoded K-way groups of one split (the noisy labels, or the gold labeler's ranking)."""
+    limits = TokenLimits(cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
+    return encode_comparisons(tokenizer, stage_data.load(cfg, "comparisons", split, tokenizer, gold=gold), limits)[0]
+
+
 def train_loop(ctx: harness.WorkerContext, init: str) -> dict:
     cfg, rc = ctx.cfg, ctx.cfg.rm
-    limits = TokenLimits(cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
     tokenizer = load_tokenizer(init)
     pad = tokenizer.pad_token_id
     model = ScalarModel.from_causal_lm(init, seed=cfg.run.seed)
     set_residual_dropout(model, 0.0)  # the SFT's dropout is not the RM's (the paper gives it none)
-    train, _ = encode_comparisons(tokenizer, stage_data.load(cfg, "comparisons", "train", tokenizer), limits)
-    valid = {"noisy": encode_comparisons(tokenizer, stage_data.load(cfg, "comparisons", "valid", tokenizer), limits)[0],
-             "gold": encode_comparisons(tokenizer, stage_data.load(cfg, "comparisons", "valid", tokenizer, gold=True),
-                                        limits)[0]}
-    valid = {name: groups for name, groups in valid.items() if groups}
+    train = rankings(cfg, tokenizer, "train")
+    valid = {"noisy": rankings(cfg, tokenizer, "valid"), "gold": rankings(cfg, tokenizer, "valid", gold=True)}
+    valid = {name: groups for name, groups in valid.items() if groups}  # no gold outside the synthetic task
     per_epoch = len(train) // rc.batch_size
     total = rc.epochs * per_epoch
     model = ctx.wrap(model)  # on the device before the optimizer (and a restored state) sees it
@@ -121,6 +124,7 @@ def train_loop(ctx: harness.WorkerContext, init: str) -> dict:
                                                      for k, v in r.items()})
         harness.save_checkpoint(ctx, state, model, optimizer, scheduler)
 
+    limits = TokenLimits(cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
     demos, _ = encode_demonstrations(tokenizer, stage_data.load(cfg, "demonstrations", "valid", tokenizer), limits)
     raw = harness.unwrap(model)
     raw.reward_bias = 0.0

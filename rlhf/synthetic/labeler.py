@@ -10,17 +10,21 @@ at 0. So: the exact answer scores 1.0, every other word sequence
 scores strictly less (the cheapest mistake costs 0.5), extra words are
 penalised through the longer length, empty or unrelated text scores 0.
 
-Noisy ranking. Our *agreement* is the probability that the labeler orders a
-pair of responses the way the gold scores do, over pairs whose gold scores
-differ. (The paper's ~73% is agreement between labelers, not with a truth it
-does not have; we take the number for agreement with our gold.) The labeler
-ranks a prompt's K responses in gold order, except with probability
-q = 2 * (1 - agreement) it returns a uniformly random permutation, which
-orders any given pair correctly half the time: agreement = 1 - q / 2 exactly.
+Noisy ranking. The paper's ~73% is the agreement *between* labelers (how
+often two of them order a pair the same way), not agreement with a truth it
+does not have. Our `agreement` means the same: two of our noisy labelers,
+drawing their noise independently, order a pair with distinct gold scores the
+same way with probability `agreement`. Each labeler orders it the gold way
+with probability a, so agreement = a^2 + (1 - a)^2, hence
+a = (1 + sqrt(2 * agreement - 1)) / 2 (0.73 -> 0.839): `labeler_accuracy`.
+The labeler ranks a prompt's K responses in gold order, except with
+probability q = 2 * (1 - a) it returns a uniformly random permutation, which
+orders any given pair correctly half the time: accuracy = 1 - q / 2 = a.
 Gold ranks give tied responses equal ranks; a random permutation does not.
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Sequence
 
@@ -93,11 +97,16 @@ def noiseless_ranks(task: Task, responses: Sequence[str]) -> tuple[int, ...]:
     return ranks_from_scores([gold_score(task, r) for r in responses])
 
 
-def random_permutation_probability(agreement: float) -> float:
-    """q such that a gold-or-random-permutation labeler has this agreement."""
+def labeler_accuracy(agreement: float) -> float:
+    """How often one labeler orders a pair the gold way, given inter-labeler `agreement`."""
     if not 0.5 <= agreement <= 1.0:
         raise ValueError(f"agreement must be in [0.5, 1], got {agreement}")
-    return 2.0 * (1.0 - agreement)
+    return (1.0 + math.sqrt(2.0 * agreement - 1.0)) / 2.0
+
+
+def random_permutation_probability(agreement: float) -> float:
+    """q such that two gold-or-random-permutation labelers agree with each other this often."""
+    return 2.0 * (1.0 - labeler_accuracy(agreement))
 
 
 def rank_responses(task: Task, responses: Sequence[str], rng: random.Random,

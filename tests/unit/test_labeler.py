@@ -5,7 +5,7 @@ import string
 
 import pytest
 
-from rlhf.synthetic.labeler import (clean_response, gold_score, noiseless_ranks,
+from rlhf.synthetic.labeler import (clean_response, gold_score, labeler_accuracy, noiseless_ranks,
                                     rank_responses, ranks_from_scores, word_edit_distance)
 from rlhf.synthetic.tasks import FAMILIES, Task, corrupt, make_task
 
@@ -92,33 +92,38 @@ def test_ranks_from_scores_share_ties():
     assert noiseless_ranks(task, [" red", " owl red", " zzz", " owl red"]) == (2, 0, 3, 0)
 
 
-def _measured_agreement(agreement: float, n_prompts: int, seed: int) -> tuple[float, int]:
-    """Explicit loop over all pairs with distinct gold scores."""
-    rng, labeler_rng = random.Random(seed), random.Random(seed + 1)
-    agree = total = 0
+def _measured(agreement: float, n_prompts: int, seed: int) -> tuple[float, float, int]:
+    """(accuracy vs gold, agreement of two independent labelers, pairs): an explicit
+    loop over all pairs with distinct gold scores."""
+    rng, first, second = random.Random(seed), random.Random(seed + 1), random.Random(seed + 2)
+    right = agree = total = 0
     for _ in range(n_prompts):
         task = make_task(rng)
         k = rng.randint(4, 9)
         responses = [" " + task.answer] + [" " + corrupt(task, rng, rng.randint(1, 3))
                                            for _ in range(k - 1)]
-        ranks = rank_responses(task, responses, labeler_rng, agreement)
+        ranks = rank_responses(task, responses, first, agreement)
+        other = rank_responses(task, responses, second, agreement)
         assert len(ranks) == k and all(0 <= r < k for r in ranks)
         gold = [gold_score(task, r) for r in responses]
         for i in range(k):
             for j in range(i + 1, k):
                 if gold[i] != gold[j]:
                     total += 1
-                    agree += (gold[i] > gold[j]) == (ranks[i] < ranks[j])
-    return agree / total, total
+                    right += (gold[i] > gold[j]) == (ranks[i] < ranks[j])
+                    agree += (ranks[i] < ranks[j]) == (other[i] < other[j])
+    return right / total, agree / total, total
 
 
-@pytest.mark.parametrize("agreement", [0.73, 0.9])
-def test_noisy_labeler_agreement_matches_setting(agreement):
+@pytest.mark.parametrize("agreement, accuracy", [(0.73, 0.839), (0.9, 0.947)])  # a^2 + (1-a)^2 by hand
+def test_noisy_labelers_agree_with_each_other_as_set(agreement, accuracy):
     # Noise is drawn per prompt (pairs of one prompt are correlated), so we
     # need thousands of prompts, well beyond 10k pairs, to be within 2 points.
-    measured, pairs = _measured_agreement(agreement, 6000, seed=11)
+    assert labeler_accuracy(agreement) == pytest.approx(accuracy, abs=1e-3)
+    right, agree, pairs = _measured(agreement, 6000, seed=11)
     assert pairs >= 10_000
-    assert abs(measured - agreement) < 0.02
+    assert abs(agree - agreement) < 0.02
+    assert abs(right - accuracy) < 0.02
 
 
 def test_perfect_labeler_is_noiseless_and_range_is_checked():
