@@ -68,7 +68,7 @@ class OptimizerConfig(_Section):
 
 class SyntheticDataConfig(_Section):
     seed: int = 0
-    labeler_agreement: float = Field(0.73, gt=0.5, le=1.0)
+    labeler_agreement: float = Field(0.73, gt=0.5, le=1.0)  # between two labelers (rlhf.synthetic.labeler)
     demo_noise: float = Field(0.3, ge=0, le=1)
     families: list[str] | None = None
     num_demonstrations: int = Field(2000, ge=1)
