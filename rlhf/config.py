@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "configs"
@@ -27,11 +27,31 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _absolute(path: str) -> str:
+    """`path` made absolute against the driver's working directory.
+
+    Ray workers (Ray Train's above all) run in other directories, so a relative
+    path read there would point elsewhere.
+    """
+    return str(Path(path).expanduser().absolute())
+
+
+def _absolute_if_local(path: str | None) -> str | None:
+    """Absolute if `path` exists here; else left alone ("tiny", a hub name, or a
+    missing file that `check_files` reports by the name the user gave)."""
+    return _absolute(path) if path is not None and Path(path).expanduser().exists() else path
+
+
 class RunConfig(_Section):
     name: str = "tiny"
     output_dir: str = "runs/tiny"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_absolute(cls, v: str) -> str:
+        return _absolute(v)
 
 
 class TinyModelConfig(_Section):
@@ -56,6 +76,11 @@ class ModelConfig(_Section):
     context_length: int = Field(2048, ge=16)
     max_prompt_tokens: int = Field(1024, ge=1)
     max_response_tokens: int = Field(1024, ge=1)
+
+    @field_validator("policy", "reward")
+    @classmethod
+    def _paths_absolute(cls, v: str | None) -> str | None:
+        return v if v == "tiny" else _absolute_if_local(v)
 
 
 class OptimizerConfig(_Section):
@@ -88,6 +113,11 @@ class DataConfig(_Section):
     comparisons: str | None = None
     prompts: str | None = None
     pretrain_text: str | None = None
+
+    @field_validator("demonstrations", "comparisons", "prompts", "pretrain_text")
+    @classmethod
+    def _paths_absolute(cls, v: str | None) -> str | None:
+        return _absolute_if_local(v)
 
 
 class PretrainConfig(_Section):

@@ -126,3 +126,15 @@ def test_missing_config_file_is_clear():
 def test_too_few_gpus_for_the_plan_names_the_field():
     msg = _error("instructgpt-1.3b", ["resources.num_gpus=8"])
     assert msg.startswith("command line: resources.num_gpus = 8") and "need 14 GPUs" in msg
+
+
+def test_relative_paths_become_absolute_against_the_drivers_directory(tmp_path, monkeypatch):
+    # Ray Train workers run in another directory: a relative path must not reach them.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demos.jsonl").write_text("")
+    cfg = load_config("tiny", ["run.output_dir=runs/x", "data.demonstrations=demos.jsonl",
+                               "data.prompts=hub-user/prompts"])
+    assert cfg.output_dir == tmp_path / "runs" / "x"
+    assert cfg.data.demonstrations == str(tmp_path / "demos.jsonl")
+    assert cfg.data.prompts == "hub-user/prompts"  # not a local file: a hub name stays as given
+    assert cfg.model.policy == "tiny"
