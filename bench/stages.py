@@ -1,6 +1,6 @@
 """Stages 0-2 on the embedded default (seeded): the measurements of issue 3.
 
-    .venv/bin/python bench/stages.py [--out DIR] [--skip-hh] [key=value ...]
+    .venv/bin/python bench/stages.py [--out DIR] [--run-dir RUN] [--skip-hh] [key=value ...]
 
 Runs pretrain -> SFT -> RM -> SFT selection with Ray Train on configs/tiny.yaml
 (overrides allowed), then measures on held-out data:
@@ -28,7 +28,7 @@ import torch
 
 from orchestration import pipeline, stage_data
 from orchestration.rundir import StageDir
-from orchestration.stages import pretrain, rm
+from orchestration.stages import harness, pretrain, rm, sft
 from rlhf.config import Config, load_config
 from rlhf.data import Demonstration, PromptRecord, TextRecord, write_jsonl
 from rlhf.data.adapters import hh_rlhf
@@ -75,10 +75,27 @@ def noise_ceiling(cfg: Config) -> float:
 STAGES_0_2 = ("pretrain", "sft", "rm", "sft_select")
 
 
+def finished_results(cfg: Config) -> dict:
+    """{step: summary} of the stages 0-2 a run already finished (the pipeline skips those)."""
+    results = {}
+    timing = cfg.output_dir / "pipeline.json"  # wall times, when `instructray run` made the run
+    walls = {k: v.get("wall_s") for k, v in json.loads(timing.read_text()).items()} if timing.exists() else {}
+    for name in ("pretrain", "sft", "rm"):
+        path = StageDir(cfg.output_dir, name).path / harness.SUMMARY
+        if path.exists():
+            results[name] = {"wall_s": walls.get(name), **json.loads(path.read_text())}
+    selection = StageDir(cfg.output_dir, "sft").path / sft.SELECTION
+    if selection.exists():
+        results["sft_select"] = json.loads(selection.read_text())
+    return results
+
+
 def synthetic_run(cfg: Config) -> dict:
-    results = pipeline.main(cfg, steps=[s for s in pipeline.STEPS if s.name in STAGES_0_2])
+    results = finished_results(cfg)
+    if not all(name in results for name in STAGES_0_2):
+        results.update(pipeline.main(cfg, steps=[s for s in pipeline.STEPS if s.name in STAGES_0_2]))
     test_prompts = [r.prompt for r in stage_data.load(cfg, "prompts", "test")]
-    out = {"wall_s": {k: round(v["wall_s"], 1) for k, v in results.items()}}
+    out = {"wall_s": {k: round(v["wall_s"], 1) for k, v in results.items() if v.get("wall_s") is not None}}
     out["pretrain"] = {k: results["pretrain"][k] for k in ("val_loss_untrained", "val_loss")}
     out["gold_test_T1"] = {
         "base": gold_eval(StageDir(cfg.output_dir, "pretrain").final, test_prompts, cfg, cfg.run.seed),
@@ -121,11 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "stages"))
     parser.add_argument("--skip-hh", action="store_true")
+    parser.add_argument("--run-dir", help="measure this run's stages 0-2 (e.g. runs/tiny of `instructray run`); "
+                                          "stages it lacks are trained there")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(args.out).resolve()
-    cfg = load_config("tiny", args.overrides + [f"run.output_dir={out / 'tiny'}"])
+    run_dir = Path(args.run_dir).resolve() if args.run_dir else out / "tiny"
+    cfg = load_config("tiny", args.overrides + [f"run.output_dir={run_dir}"])
     start = time.perf_counter()
     report = {"command": " ".join(sys.argv), "synthetic": synthetic_run(cfg)}
     report["synthetic"]["wall_s"]["stages_0_2_total"] = round(time.perf_counter() - start, 1)
