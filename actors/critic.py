@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from actors.group import BucketedGrads, DistributedWorker
-from actors.policy_learner import make_optimizer, rng_state, set_rng_state, to_cpu
 from actors.resources import configure_threads, parse_dtype, pick_device
 from actors.weight_sync import checksum
 from rlhf.config import OptimizerConfig, PPOConfig
@@ -22,6 +21,7 @@ from rlhf.losses import value_loss
 from rlhf.masked import masked_mean
 from rlhf.models import ScalarModel
 from rlhf.schedules import lambda_lr, warmup_then_constant
+from rlhf.train_state import make_optimizer, restore, snapshot
 
 
 class CriticLearner(DistributedWorker):
@@ -85,22 +85,12 @@ class CriticLearner(DistributedWorker):
         return checksum(self.model.named_parameters())
 
     def state_dict_for_checkpoint(self) -> dict[str, Any]:
-        return to_cpu({
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "iteration": self.iteration,
-            "nonfinite_steps": self.nonfinite_steps,
-            "rng": rng_state(),
-        })
+        return snapshot(self.model, self.optimizer, self.scheduler, iteration=self.iteration,
+                        nonfinite_steps=self.nonfinite_steps)
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.iteration = int(state["iteration"])
-        self.nonfinite_steps = int(state["nonfinite_steps"])
-        set_rng_state(state["rng"])
+        extra = restore(state, self.model, self.optimizer, self.scheduler)
+        self.iteration, self.nonfinite_steps = int(extra["iteration"]), int(extra["nonfinite_steps"])
 
     def save_pretrained(self, path: str) -> str:
         return str(self.model.save_pretrained(Path(path)))

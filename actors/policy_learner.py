@@ -32,42 +32,11 @@ from rlhf.losses import policy_loss, ptx_lm_loss
 from rlhf.masked import masked_mean
 from rlhf.models import load_policy, load_tokenizer
 from rlhf.schedules import lambda_lr, warmup_then_constant
+from rlhf.train_state import make_optimizer, restore, snapshot
 
 
 class StaleRolloutError(RuntimeError):
     """A minibatch sampled with weights other than the learner's current version."""
-
-
-def to_cpu(tree: Any) -> Any:
-    """Tensors anywhere in a nested dict/list copied to the CPU.
-
-    Always a copy: a snapshot that aliased live weights or Adam moments would keep
-    changing after it was taken.
-    """
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().to("cpu", copy=True)
-    if isinstance(tree, dict):
-        return {k: to_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(to_cpu(v) for v in tree)
-    return tree
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def make_optimizer(params, lr: float, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """Adam(W) with the paper's betas (0.9, 0.95); weight_decay 0 makes it plain Adam."""
-    return torch.optim.AdamW(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay)
 
 
 class PolicyLearner(DistributedWorker):
@@ -198,24 +167,13 @@ class PolicyLearner(DistributedWorker):
     # ------------------------------------------------------------ checkpoints
 
     def state_dict_for_checkpoint(self) -> dict[str, Any]:
-        return to_cpu({
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "ema": self.ema.state_dict(),
-            "version": self.version,
-            "nonfinite_steps": self.nonfinite_steps,
-            "rng": rng_state(),
-        })
+        return snapshot(self.model, self.optimizer, self.scheduler, ema=self.ema.state_dict(),
+                        version=self.version, nonfinite_steps=self.nonfinite_steps)
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.ema.load_state_dict(state["ema"])
-        self.version = int(state["version"])
-        self.nonfinite_steps = int(state["nonfinite_steps"])
-        set_rng_state(state["rng"])
+        extra = restore(state, self.model, self.optimizer, self.scheduler)
+        self.ema.load_state_dict(extra["ema"])
+        self.version, self.nonfinite_steps = int(extra["version"]), int(extra["nonfinite_steps"])
 
     def save_pretrained(self, path: str, use_ema: bool = True) -> str:
         """An HF directory of the policy (EMA weights by default, as the paper evaluates)."""

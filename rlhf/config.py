@@ -234,6 +234,11 @@ class Config(_Section):
         return Path(self.run.output_dir)
 
     @property
+    def ptx_block_tokens(self) -> int:
+        """Tokens per pretraining example wherever policy training mixes them in (SFT, ptx, eval)."""
+        return self.ppo.ptx_seq_len or self.model.context_length
+
+    @property
     def ppo_iterations(self) -> int:
         return self.ppo.episodes // self.ppo.batch_size
 

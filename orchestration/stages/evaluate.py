@@ -98,7 +98,7 @@ def held_out(cfg: Config, tokenizer) -> HeldOut:
     if not prompts:
         raise ValueError("no held-out prompt fits model.max_prompt_tokens")
     # Blocks as long as the ptx term's, so the loss is the one ptx trains down.
-    seq_len = cfg.ppo.ptx_seq_len or cfg.model.context_length
+    seq_len = cfg.ptx_block_tokens
     try:
         blocks = pack_text(tokenizer, texts, seq_len)
     except ValueError as e:

@@ -31,7 +31,9 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from rlhf import train_state
 from rlhf.config import Config, OptimizerConfig
+from rlhf.models import load_state_file
 from orchestration.rundir import MetricsLogger, StageDir, atomic_write_dir, read_metrics
 
 DEFAULT_CHECKPOINT_EVERY = 100  # optimizer steps; stages 0-2 have no config field for it yet
@@ -129,8 +131,7 @@ def seed_worker(seed: int, rank: int) -> None:
 # ---------------------------------------------------------------- optimisation
 
 def make_optimizer(model: nn.Module, lr: float, opt: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(opt.beta1, opt.beta2),
-                             eps=opt.eps, weight_decay=opt.weight_decay)
+    return train_state.make_optimizer(model.parameters(), lr, opt)
 
 
 def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float | None) -> float:
@@ -160,22 +161,9 @@ class TrainState:
         self.batch_in_epoch = 0
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 def save_checkpoint(ctx: WorkerContext, state: TrainState, model: nn.Module, optimizer, scheduler) -> None:
     """Every worker's RNG state, and on rank 0 model, optimizer, schedule and position, atomically."""
-    rngs = ctx.gather(_rng_state())
+    rngs = ctx.gather(train_state.rng_state())
     if ctx.is_main:
         blob = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "state": dataclasses.asdict(state), "rng": rngs}
@@ -189,11 +177,11 @@ def restore_latest(ctx: WorkerContext, model: nn.Module, optimizer, scheduler) -
     state = TrainState()
     if path is not None:
         # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
-        blob = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        blob = load_state_file(path / "state.pt")
         unwrap(model).load_state_dict(blob["model"])
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
-        _set_rng_state(blob["rng"][ctx.rank % len(blob["rng"])])
+        train_state.set_rng_state(blob["rng"][ctx.rank % len(blob["rng"])])
         state = TrainState(**blob["state"])
     if ctx.is_main:  # rows after the checkpoint (or all, without one) are about to be redone
         truncate_metrics(ctx.stage.metrics_file, state.step if path is not None else -1)

@@ -39,7 +39,7 @@ def inputs(cfg: Config) -> PPOInputs:
     tok = load_tokenizer(policy)
     prompts = [r.prompt for r in stage_data.load(cfg, "prompts", "train", tokenizer=tok)]
     texts = [r.text for r in stage_data.load(cfg, "pretrain", "train")]
-    blocks = pack_text(tok, texts, cfg.ppo.ptx_seq_len or cfg.model.context_length)
+    blocks = pack_text(tok, texts, cfg.ptx_block_tokens)
     gold = None
     if cfg.data.source == "synthetic":
         syn = cfg.data.synthetic

@@ -85,7 +85,7 @@ def train_loop(ctx: harness.WorkerContext, section: str, base: str) -> dict:
     n_ptx = round(sc.batch_size * sc.ptx_fraction)
     n_demo = sc.batch_size - n_ptx
     blocks = (pack_text(tokenizer, [r.text for r in stage_data.load(cfg, "pretrain", "train")],
-                        cfg.model.context_length) if n_ptx else torch.zeros((0, 1), dtype=torch.long))
+                        cfg.ptx_block_tokens) if n_ptx else torch.zeros((0, 1), dtype=torch.long))
     per_epoch = len(train) // n_demo
     total = sc.epochs * per_epoch
     model = ctx.wrap(model)  # on the device before the optimizer (and a restored state) sees it
