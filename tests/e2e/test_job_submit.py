@@ -95,7 +95,8 @@ def test_tiny_pipeline_job_succeeds_and_fills_the_run_dir(cluster, tmp_path):
               f"run.output_dir={run_dir}", *SHORT]
     # Right after `ray start` the head may not have a job agent yet ("No available agent to
     # submit job, please try again later"): the submission is refused, nothing runs; retry.
-    deadline = time.time() + 120
+    # On a loaded machine the agent process has taken over two minutes to register.
+    deadline = time.time() + 420
     while True:
         proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
         if "No available agent" not in proc.stdout + proc.stderr or time.time() > deadline:

@@ -84,5 +84,8 @@ def test_sft_stage_keeps_every_epoch_and_selects_the_final_by_rm(tiny_run):
     assert chosen.keys() == final.keys() and all(torch.equal(chosen[k], final[k]) for k in chosen)
     assert load_policy(stage.final).config.resid_pdrop == 0.0  # PPO must not inherit SFT's dropout
     train_rows = [r for r in read_metrics(stage.metrics_file) if "demo_loss" in r]
-    per_epoch = results["sft"]["train_examples"] // cfg.sft.batch_size
+    demos_per_batch = cfg.sft.batch_size - round(cfg.sft.batch_size * cfg.sft.ptx_fraction)  # the rest: ptx rows
+    assert cfg.sft.ptx_fraction > 0 and demos_per_batch < cfg.sft.batch_size  # the mix is on (tiny.yaml)
+    per_epoch = results["sft"]["train_examples"] // demos_per_batch
+    assert all(r["ptx_loss"] > 0 for r in train_rows)
     assert len(train_rows) == results["sft"]["steps"] == cfg.sft.epochs * per_epoch
