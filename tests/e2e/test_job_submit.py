@@ -75,6 +75,12 @@ def cluster():
     start = [str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
              "--port", str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
              "--include-dashboard", "true", "--disable-usage-stats", "--temp-dir", temp_dir]
+    # Every port a head binds, chosen free: another Ray instance on this machine (a user's
+    # pipeline) holds the defaults, and a job agent that cannot bind 52365 never registers.
+    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                 "--runtime-env-agent-port", "--ray-client-server-port", "--node-manager-port",
+                 "--object-manager-port"):
+        start += [flag, str(_free_port())]
     try:
         subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
         yield f"http://127.0.0.1:{dash}", env
