@@ -65,12 +65,13 @@ def write_results(name: str, payload: dict, quick: bool = False) -> Path:
 def start_local_ray(num_cpus: int = 2) -> None:
     """A fresh local Ray instance of `num_cpus` CPUs, never a cluster already running here.
 
-    The actors' environment is orchestration.cluster.connect's (no hub, quiet
+    The actors' environment is orchestration.cluster.ACTOR_ENV (no hub, quiet
     tokenizers); variables set in this process (e.g. THP_MEM_ALLOC_ENABLE) reach them too.
     """
     import ray
 
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+    from orchestration.cluster import ACTOR_ENV as env
+
     os.environ.update(env)
     ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=False,
              logging_level="WARNING")

@@ -9,16 +9,18 @@ import ray
 from rlhf.config import Config
 
 log = logging.getLogger(__name__)
+# The actors' working environment: no hub access, quiet tokenizers.
+ACTOR_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
 
 
 def connect(cfg: Config) -> None:
     """Join the cluster named by RAY_ADDRESS (or the job we run inside); else start locally.
 
-    Also fixes the actors' working environment: no hub access, quiet tokenizers.
+    Also sets the actors' working environment (ACTOR_ENV).
     """
     if ray.is_initialized():
         return
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+    env = ACTOR_ENV
     os.environ.update(env)
     if os.environ.get("RAY_ADDRESS"):
         log.info("joining the Ray cluster at %s", os.environ["RAY_ADDRESS"])
