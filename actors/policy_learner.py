@@ -22,7 +22,7 @@ import torch
 
 from actors.group import BucketedGrads, DistributedWorker
 from actors.resources import configure_threads, parse_dtype, pick_device
-from actors.weight_sync import BucketMeta, checksum, pack_buckets, put_buckets
+from actors.weight_sync import BucketMeta, StagingBuffers, checksum, put_buckets
 from rlhf.collate import LMBatch
 from rlhf.config import OptimizerConfig, PPOConfig
 from rlhf.ema import EMA
@@ -59,6 +59,7 @@ class PolicyLearner(DistributedWorker):
         self.cap_bytes = int(bucket_cap_mb * 2**20)
         self.grads = BucketedGrads(
             [(n, p) for n, p in self.model.named_parameters() if p.requires_grad], self.cap_bytes)
+        self.staging = StagingBuffers(self.cap_bytes)  # CPU buffers the weight broadcast packs into
         self.forward_batch_size = forward_batch_size
         self.version = 0
 
@@ -152,8 +153,8 @@ class PolicyLearner(DistributedWorker):
     def weight_buckets(self) -> tuple[list[torch.Tensor], list[BucketMeta], str]:
         """Current (not EMA) weights packed into a few CPU buffers, their layout, checksum."""
         named = list(self.model.named_parameters())
-        buffers, meta = pack_buckets(named, self.cap_bytes)
-        return [b.cpu() for b in buffers], meta, checksum(named)
+        buffers, meta = self.staging.pack(named)
+        return buffers, meta, checksum(named)
 
     def publish_weights(self) -> tuple[list, list[BucketMeta], str, int]:
         """CPU transport: each bucket `ray.put` once here; returns (refs, meta, checksum, version).

@@ -106,6 +106,29 @@ def pack_buckets(named: NamedTensors, cap_bytes: int = DEFAULT_CAP_BYTES
     return buffers, metas
 
 
+class StagingBuffers:
+    """Flat CPU buffers that every sync packs into in place.
+
+    Fresh buffers per sync cost more than the copy itself: first-touch page faults
+    on 400 MB took 0.34-0.48 s here, packing into already-mapped buffers 0.05 s.
+    They are reallocated only when the layout changes.
+    """
+
+    def __init__(self, cap_bytes: int = DEFAULT_CAP_BYTES) -> None:
+        self.cap_bytes = cap_bytes
+        self.metas: list[BucketMeta] = []
+        self.buffers: list[torch.Tensor] = []
+
+    def pack(self, named: NamedTensors) -> tuple[list[torch.Tensor], list[BucketMeta]]:
+        items = _items(named)
+        metas = plan_buckets(items, self.cap_bytes)
+        if metas != self.metas:
+            self.buffers = [torch.empty(m.numel, dtype=getattr(torch, m.dtype)) for m in metas]
+            self.metas = metas
+        pack_into(self.buffers, metas, items)
+        return self.buffers, metas
+
+
 def unpack_buckets(buffers: Sequence[torch.Tensor], metas: Sequence[BucketMeta]) -> dict[str, torch.Tensor]:
     """Named views into the buffers (no copies); checks the layout matches."""
     out: dict[str, torch.Tensor] = {}

@@ -55,11 +55,14 @@ class Sender:
         torch.set_num_threads(1)
         g = torch.Generator().manual_seed(0)
         self.named = {f"t{i}": torch.randn(total_params // n_tensors, generator=g) for i in range(n_tensors)}
+        from actors.weight_sync import StagingBuffers
+
+        self.staging = StagingBuffers()
 
     def publish(self) -> tuple:
-        from actors.weight_sync import checksum, pack_buckets, put_buckets
+        from actors.weight_sync import checksum, put_buckets
 
-        buffers, meta = pack_buckets(self.named)
+        buffers, meta = self.staging.pack(self.named)
         return put_buckets(buffers), meta, checksum(self.named)
 
 

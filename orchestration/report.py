@@ -22,7 +22,8 @@ COLORS = {"SFT": "#9e9e9e", "PPO": "#4c72b0", "PPO-ptx": "#dd8452"}  # one colou
 DEFAULT_STAGES = {"ppo_noptx": "PPO", "ppo": "PPO-ptx"}
 # PPO optimised against this very RM, so its verdict flatters PPO (Goodhart).
 RM_CAVEAT = " (the RM the PPO policies were trained against, so an optimistic judge)"
-CURVES = (("rm_score_mean", "RM reward"), ("gold_score", "gold score"),
+CURVES = (("rm_score_mean", "RM reward"), ("heldout_gold_score", "gold score, fixed held-out prompts"),
+          ("gold_score", "gold score, this iteration's batch"),
           ("kl_per_sequence", "KL to SFT (nats / sequence)"), ("ptx_loss", "ptx LM loss"))
 
 

@@ -187,6 +187,10 @@ class PPOConfig(_Section):
     max_nonfinite_steps: int = Field(3, ge=1)
     # Bound on prompt+response tokens per generation call (out-of-memory guard).
     generation_token_budget: int = Field(65536, ge=1)
+    # Held-out prompts sampled each iteration (fixed prompts, fixed seed) to score with the
+    # gold labeler: the training batch's gold score swings with its prompt mix, this one does
+    # not. Synthetic task only; 0 = off.
+    probe_prompts: int = Field(0, ge=0)
 
 
 class ResourcesConfig(_Section):

@@ -54,6 +54,7 @@ class PPOInputs:
     prompts: list[str]
     ptx_blocks: torch.Tensor  # [N, L] packed pretraining text
     gold_scorer: object = None  # callable(prompt, response) -> [0,1] for the synthetic task
+    probe_prompts: tuple[str, ...] = ()  # held-out prompts for `heldout_gold_score` (needs gold_scorer)
 
 
 class PPOTrainer:
@@ -109,7 +110,8 @@ class PPOTrainer:
                         return self.save_final()
                     m = self._iterate(logger, total)
                     bar.set_postfix(reward=f"{m['rm_score_mean']:.3f}", kl=f"{m['kl_per_sequence']:.3f}",
-                                    gold=f"{m.get('gold_score', float('nan')):.3f}", refresh=False)
+                                    gold=f"{m.get('heldout_gold_score', m.get('gold_score', float('nan'))):.3f}",
+                                    refresh=False)
                 except ActorLost as lost:  # a learner rank (the other roles restart in place)
                     self.faults.recover(lost, self._rewind)
                 bar.n = self.iteration
@@ -141,18 +143,23 @@ class PPOTrainer:
     def step(self, k: int) -> dict:
         with self._phase(k, "generate"):
             rollout, gen_stats = self.generate(self.prompts.take(self.p.batch_size), seed=self._seed(k))
+        probe = {}
+        if self.inputs.probe_prompts and self.inputs.gold_scorer is not None:
+            with self._phase(k, "probe"):
+                probe = self.probe()
         with self._phase(k, "score"):
             exp, stats = self.score(rollout)
         with self._phase(k, "learn"):
             stats |= self.learn(exp, k)
         with self._phase(k, "sync"):
             self.sync_weights()
-        stats |= self.gold(rollout) | self.sync_record | gen_stats | self.faults.metrics()
+        stats |= self.gold(rollout) | probe | self.sync_record | gen_stats | self.faults.metrics()
         seconds = self.timer.pop()
         tokens = int(rollout.attention_mask.sum())
+        training_seconds = sum(v for name, v in seconds.items() if name != "seconds_probe")
         stats |= seconds | {
             "iteration": k, "episodes": (k + 1) * self.p.batch_size, "weight_version": rollout.weight_version,
-            "tokens_per_second": tokens / max(sum(seconds.values()), 1e-9),
+            "tokens_per_second": tokens / max(training_seconds, 1e-9),
             "generated_tokens_per_second": int(rollout.action_mask.sum()) / max(seconds["seconds_generate"], 1e-9),
         }
         return stats
@@ -247,6 +254,12 @@ class PPOTrainer:
             response = self.tok.decode(ids[act.bool()].tolist())
             scores.append(self.inputs.gold_scorer(prompt, response))
         return {"gold_score": sum(scores) / len(scores)}
+
+    def probe(self) -> dict:
+        """Gold score of the policy that sampled this iteration (v_k) on the same held-out
+        prompts with the same seed every iteration, so iterations compare like with like."""
+        rollout, _ = self.generate(list(self.inputs.probe_prompts), seed=self._seed(-1))
+        return {"heldout_gold_score": self.gold(rollout)["gold_score"]}
 
     # ---- state --------------------------------------------------------------------
     def _seed(self, k: int) -> int:

@@ -40,12 +40,14 @@ def inputs(cfg: Config) -> PPOInputs:
     prompts = [r.prompt for r in stage_data.load(cfg, "prompts", "train", tokenizer=tok)]
     texts = [r.text for r in stage_data.load(cfg, "pretrain", "train")]
     blocks = pack_text(tok, texts, cfg.ptx_block_tokens)
-    gold = None
+    gold, probe = None, ()
     if cfg.data.source == "synthetic":
         syn = cfg.data.synthetic
         gold = SyntheticSuite(syn.seed, syn.labeler_agreement, syn.demo_noise, syn.families).score
+        test = [r.prompt for r in stage_data.load(cfg, "prompts", "test", tokenizer=tok)]
+        probe = tuple(test[:cfg.ppo.probe_prompts])
     return PPOInputs(policy=policy, reward_model=rm, tokenizer=tok, prompts=prompts,
-                     ptx_blocks=blocks, gold_scorer=gold)
+                     ptx_blocks=blocks, gold_scorer=gold, probe_prompts=probe)
 
 
 def main(cfg: Config, resume: bool = False) -> list[Path]:

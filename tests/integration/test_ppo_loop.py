@@ -63,8 +63,9 @@ def test_metrics_cover_every_phase(ppo_run):
     keys = {"rm_score_mean", "rm_score_std", "gold_score", "kl_per_sequence", "entropy", "clipfrac",
             "approx_kl", "value_loss", "explained_variance", "ptx_loss", "response_length",
             "seconds_generate", "seconds_score", "seconds_learn", "seconds_sync", "tokens_per_second",
-            "sampler_learner_logprob_gap"}
+            "sampler_learner_logprob_gap", "heldout_gold_score", "seconds_probe"}
     assert keys <= set(rows[0]), keys - set(rows[0])
+    assert all(0.0 <= r["heldout_gold_score"] <= 1.0 for r in rows)
     # the learner recomputes old logprobs; at equal weights they match the sampler's closely
     assert rows[0]["sampler_learner_logprob_gap"] < 1e-3
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from actors.weight_sync import checksum, pack_buckets, plan_buckets, unpack_buckets
+from actors.weight_sync import StagingBuffers, checksum, pack_buckets, plan_buckets, unpack_buckets
 
 
 def _named():
@@ -79,3 +79,18 @@ def test_checksum_is_exact():
     cast = dict(named)
     cast["emb.weight"] = named["emb.weight"].double()
     assert checksum(cast) != base
+
+
+def test_staging_buffers_are_reused_and_follow_the_weights():
+    named = _named()
+    staging = StagingBuffers(1 << 12)
+    first, metas = staging.pack(named)
+    pointers = [b.data_ptr() for b in first]
+    for t in named.values():
+        t.add_(1)
+    again, metas_again = staging.pack(named)
+    assert [b.data_ptr() for b in again] == pointers and metas_again == metas  # no reallocation
+    assert checksum(unpack_buckets(again, metas)) == checksum(named)  # the new values, not the old
+    fewer = dict(list(named.items())[1:])
+    buffers, metas = staging.pack(fewer)  # another layout: new buffers that fit it
+    assert checksum(unpack_buckets(buffers, metas)) == checksum(fewer)
