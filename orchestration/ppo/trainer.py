@@ -12,6 +12,9 @@
             critic:  clipped value loss step
         broadcast v_{k+1} to every generator; verify checksums
 
+Measurement only (synthetic task, `ppo.probe_prompts`): v_k also samples a fixed set of
+held-out prompts with a fixed seed, scored by the gold labeler (`heldout_gold_score`).
+
 Faults (issue 6; orchestration/ppo/faults.py): remote calls go through `self.faults`,
 so a generator, scorer or critic whose process dies is restarted in place and its
 call retried, and a lost learner rank rewinds the run to the last checkpoint.
