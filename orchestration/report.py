@@ -40,6 +40,10 @@ def _ci(ci) -> str:
     return f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
 
 
+def _responses(n: int) -> str:
+    return "one response each" if n == 1 else f"{n} independent responses each"
+
+
 def _signed(x, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:+.{digits}f}"
 
@@ -214,7 +218,8 @@ def write_report(run_dir: str | Path) -> str:
         s = results["settings"]
         table = format_table(results)
         lines += ["## Policies on held-out prompts", "",
-                  f"{s['num_prompts']} held-out prompts, one response each at temperature {s['temperature']} "
+                  f"{s['num_prompts']} held-out prompts, {_responses(s.get('samples_per_prompt', 1))} at temperature "
+                  f"{s['temperature']} "
                   f"(at most {s['max_response_tokens']} tokens); win rates against SFT judged by the "
                   f"{s['judge']} scorer{RM_CAVEAT if s['judge'] == 'rm' else ''}, ties counted half, 95% bootstrap "
                   "intervals over prompts. The SFT row "

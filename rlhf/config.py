@@ -214,6 +214,8 @@ class ServeConfig(_Section):
 class EvalConfig(_Section):
     num_prompts: int = Field(200, ge=1)
     num_pretrain_docs: int = Field(200, ge=1)
+    # Independent responses per prompt; intervals still resample whole prompts.
+    samples_per_prompt: int = Field(1, ge=1)
 
 
 class Config(_Section):

@@ -134,7 +134,7 @@ class PPOTrainer:
 
     @property
     def phase(self) -> tuple[int, str]:
-        """(iteration, phase) now running; phases: generate, score, learn, sync, checkpoint."""
+        """(iteration, phase) now running; phases: generate, probe, score, learn, sync, checkpoint."""
         return self.faults.where
 
     @contextmanager

@@ -29,8 +29,8 @@ import torch
 from orchestration.rundir import StageDir
 from rlhf.collate import pack_text
 from rlhf.config import Config
-from rlhf.evaluation import (block_losses, bootstrap_ci, summed_log_ratio,
-                             win_rate, win_rate_ci)
+from rlhf.evaluation import (block_losses, bootstrap_ci, paired_outcomes, summed_log_ratio,
+                             win_rate)
 from rlhf.forward import token_logprobs
 from rlhf.models import ScalarModel, load_policy, load_tokenizer
 from rlhf.sampling import sample
@@ -44,9 +44,15 @@ SFT, PPO, PPO_PTX = "SFT", "PPO", "PPO-ptx"
 
 @dataclasses.dataclass
 class HeldOut:
-    prompts: list[str]
-    tasks: list | None          # synthetic Task per prompt (gold labeler); None for files
+    prompts: list[str]          # each prompt `repeats` times in a row, one sample per row
+    tasks: list | None          # synthetic Task per row (gold labeler); None for files
     blocks: torch.Tensor        # [N, L] packed pretraining text
+    repeats: int = 1
+
+    def by_prompt(self, per_row) -> list[float]:
+        """Per-row values averaged over each prompt's rows: the unit intervals resample."""
+        r = self.repeats
+        return [sum(per_row[i:i + r]) / r for i in range(0, len(per_row), r)]
 
 
 @dataclasses.dataclass
@@ -97,13 +103,16 @@ def held_out(cfg: Config, tokenizer) -> HeldOut:
     tasks = [tasks[i] for i in keep] if tasks is not None else None
     if not prompts:
         raise ValueError("no held-out prompt fits model.max_prompt_tokens")
+    r = cfg.eval.samples_per_prompt
+    prompts = [p for p in prompts for _ in range(r)]
+    tasks = [t for t in tasks for _ in range(r)] if tasks is not None else None
     # Blocks as long as the ptx term's, so the loss is the one ptx trains down.
     seq_len = cfg.ptx_block_tokens
     try:
         blocks = pack_text(tokenizer, texts, seq_len)
     except ValueError as e:
         raise ValueError(f"held-out pretraining text: {e}; raise eval.num_pretrain_docs") from None
-    return HeldOut(prompts, tasks, blocks)
+    return HeldOut(prompts, tasks, blocks, r)
 
 
 def _seed(cfg: Config, label: str) -> int:
@@ -148,7 +157,7 @@ def _rm_inputs(rm_tok, tok, samples, prompts: list[str], responses: list[str]):
 def evaluate_policy(model, sft_model, rm: ScalarModel | None, tok, data: HeldOut, *,
                     max_new_tokens: int, seed: int, batch_size: int, scorer=None,
                     rm_tok=None, block_batch_size: int = 16) -> PolicyEval:
-    """Sample one response per prompt at T=1 and score it every way we have."""
+    """Sample one response per row of `data` at T=1 and score it every way we have."""
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -188,13 +197,13 @@ def _ci(values, seed: int) -> list[float]:
 
 def summarise(evals: dict[str, PolicyEval], sft_resample: PolicyEval, data: HeldOut) -> dict:
     """Per-policy table numbers, each with a bootstrap interval over prompts or blocks."""
-    base = evals[SFT]
+    base, per_prompt = evals[SFT], data.by_prompt
     table = {}
     for name, e in evals.items():
         # SFT against its own fresh samples: the noise floor of a win rate.
         challenger = sft_resample if name == SFT else e
         row = {
-            "kl_to_sft": _mean(e.log_ratio), "kl_to_sft_ci": _ci(e.log_ratio, 1),
+            "kl_to_sft": _mean(e.log_ratio), "kl_to_sft_ci": _ci(per_prompt(e.log_ratio), 1),
             "lm_loss": _mean(e.block_losses), "lm_loss_ci": _ci(e.block_losses, 7),
             "lm_loss_delta_vs_sft": _mean([a - b for a, b in zip(e.block_losses, base.block_losses)]),
             "lm_loss_delta_vs_sft_ci": _ci([a - b for a, b in zip(e.block_losses, base.block_losses)], 2),
@@ -205,9 +214,9 @@ def summarise(evals: dict[str, PolicyEval], sft_resample: PolicyEval, data: Held
             if mine is None:
                 continue
             row[f"{key}_score_mean"] = _mean(getattr(e, key))
-            row[f"{key}_score_ci"] = _ci(getattr(e, key), 3)
+            row[f"{key}_score_ci"] = _ci(per_prompt(getattr(e, key)), 3)
             row[f"{key}_win_rate"] = win_rate(mine, theirs)
-            row[f"{key}_win_rate_ci"] = list(win_rate_ci(mine, theirs, CONFIDENCE, seed=4))
+            row[f"{key}_win_rate_ci"] = _ci(per_prompt(paired_outcomes(mine, theirs).tolist()), 4)
         if e.gold is not None:
             row["gold_exact"] = _mean([g == 1.0 for g in e.gold])
             if data.tasks:
@@ -223,7 +232,7 @@ def summarise(evals: dict[str, PolicyEval], sft_resample: PolicyEval, data: Held
     return table
 
 
-def ptx_effect(evals: dict[str, PolicyEval]) -> dict | None:
+def ptx_effect(evals: dict[str, PolicyEval], data: HeldOut) -> dict | None:
     """PPO-ptx minus PPO, paired on the same blocks / prompts: what the ptx term bought."""
     if PPO not in evals or PPO_PTX not in evals:
         return None
@@ -234,7 +243,8 @@ def ptx_effect(evals: dict[str, PolicyEval]) -> dict | None:
     if judge:
         out["judge"] = judge
         out["win_rate_ptx_vs_ppo"] = win_rate(getattr(a, judge), getattr(b, judge))
-        out["win_rate_ptx_vs_ppo_ci"] = list(win_rate_ci(getattr(a, judge), getattr(b, judge), seed=6))
+        outcomes = paired_outcomes(getattr(a, judge), getattr(b, judge)).tolist()
+        out["win_rate_ptx_vs_ppo_ci"] = _ci(data.by_prompt(outcomes), 6)
     return out
 
 
@@ -285,7 +295,8 @@ def run_eval(cfg: Config) -> dict:
                                    seed=_seed(cfg, "SFT/resample"), **kwargs)
     results = {
         "settings": {
-            "num_prompts": len(data.prompts), "num_blocks": int(data.blocks.shape[0]),
+            "num_prompts": len(data.prompts) // data.repeats, "samples_per_prompt": data.repeats,
+            "num_blocks": int(data.blocks.shape[0]),
             "block_len": int(data.blocks.shape[1]), "temperature": TEMPERATURE,
             "max_response_tokens": m.max_response_tokens, "seed": cfg.run.seed,
             "confidence": CONFIDENCE, "judge": "gold" if scorer else "rm" if rm is not None else None,
@@ -293,7 +304,7 @@ def run_eval(cfg: Config) -> dict:
             "paths": {name: str(s.final) for name, s in found.items()},
         },
         "policies": summarise(evals, sft_resample, data),
-        "ptx_effect": ptx_effect(evals),
+        "ptx_effect": ptx_effect(evals, data),
     }
     out_dir = cfg.output_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -177,7 +177,14 @@ def test_report_and_plots(run):
         data = png.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000, name
         assert f"](plots/{name})" in report
-    assert (root / "eval" / "samples.jsonl").read_text().count("\n") == N_PROMPTS
+    # one record per sample: each prompt's samples_per_prompt (tiny: 4) independent responses in a row
+    records = [json.loads(line) for line in (root / "eval" / "samples.jsonl").read_text().splitlines()]
+    reps = results["settings"]["samples_per_prompt"]
+    assert reps == 4 and len(records) == N_PROMPTS * reps
+    prompts = [r["prompt"] for r in records]
+    assert all(len(set(prompts[i:i + reps])) == 1 for i in range(0, len(prompts), reps))
+    assert len({r["SFT"]["response"] for r in records}) > N_PROMPTS  # samples differ within a prompt
+    assert f"{N_PROMPTS} held-out prompts, 4 independent responses each" in report
 
 
 def test_resume_rewrites_report_without_reevaluating(run, capsys):
@@ -199,3 +206,9 @@ def test_report_without_results_or_metrics_does_not_crash(tmp_path):
     assert "eval/results.json is missing" in table
     assert "No RM accuracy was recorded." in report
     assert not list((tmp_path / "plots").glob("*.png"))
+
+
+def test_intervals_resample_prompts_not_samples():
+    # 2 samples per prompt: a prompt's samples are correlated, so the bootstrap unit is the prompt
+    data = evaluate.HeldOut(["a", "a", "b", "b"], None, torch.zeros(1, 4), repeats=2)
+    assert data.by_prompt([1.0, 0.0, 1.0, 1.0]) == [0.5, 1.0]
