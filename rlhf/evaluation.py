@@ -56,10 +56,21 @@ def bootstrap_ci(values: Scores, confidence: float = 0.95, num_resamples: int = 
     return float(lo), float(hi)
 
 
+def group_means(values: Scores, size: int) -> torch.Tensor:
+    """Means of consecutive groups of `size` values: several samples of one prompt are
+    correlated, so a bootstrap must resample the prompt, not its samples."""
+    v = _as_tensor(values)
+    if size < 1 or v.numel() % size:
+        raise ValueError(f"{v.numel()} values do not split into groups of {size}")
+    return v.view(-1, size).mean(dim=1)
+
+
 def win_rate_ci(scores_a: Scores, scores_b: Scores, confidence: float = 0.95,
-                num_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Bootstrap interval of `win_rate(scores_a, scores_b)`, resampling prompts."""
-    return bootstrap_ci(paired_outcomes(scores_a, scores_b), confidence, num_resamples, seed)
+                num_resamples: int = 2000, seed: int = 0, group_size: int = 1) -> tuple[float, float]:
+    """Bootstrap interval of `win_rate(scores_a, scores_b)`, resampling prompts (each
+    `group_size` consecutive scores are one prompt's samples)."""
+    outcomes = group_means(paired_outcomes(scores_a, scores_b), group_size)
+    return bootstrap_ci(outcomes, confidence, num_resamples, seed)
 
 
 def normal_ci(values: Scores, confidence: float = 0.95) -> tuple[float, float]:

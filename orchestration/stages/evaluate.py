@@ -29,8 +29,8 @@ import torch
 from orchestration.rundir import StageDir
 from rlhf.collate import pack_text
 from rlhf.config import Config
-from rlhf.evaluation import (block_losses, bootstrap_ci, paired_outcomes, summed_log_ratio,
-                             win_rate)
+from rlhf.evaluation import (block_losses, bootstrap_ci, group_means, summed_log_ratio,
+                             win_rate, win_rate_ci)
 from rlhf.forward import token_logprobs
 from rlhf.models import ScalarModel, load_policy, load_tokenizer
 from rlhf.sampling import sample
@@ -51,8 +51,7 @@ class HeldOut:
 
     def by_prompt(self, per_row) -> list[float]:
         """Per-row values averaged over each prompt's rows: the unit intervals resample."""
-        r = self.repeats
-        return [sum(per_row[i:i + r]) / r for i in range(0, len(per_row), r)]
+        return group_means(per_row, self.repeats).tolist()
 
 
 @dataclasses.dataclass
@@ -216,7 +215,8 @@ def summarise(evals: dict[str, PolicyEval], sft_resample: PolicyEval, data: Held
             row[f"{key}_score_mean"] = _mean(getattr(e, key))
             row[f"{key}_score_ci"] = _ci(per_prompt(getattr(e, key)), 3)
             row[f"{key}_win_rate"] = win_rate(mine, theirs)
-            row[f"{key}_win_rate_ci"] = _ci(per_prompt(paired_outcomes(mine, theirs).tolist()), 4)
+            row[f"{key}_win_rate_ci"] = list(win_rate_ci(mine, theirs, CONFIDENCE, seed=4,
+                                                          group_size=data.repeats))
         if e.gold is not None:
             row["gold_exact"] = _mean([g == 1.0 for g in e.gold])
             if data.tasks:
@@ -243,8 +243,8 @@ def ptx_effect(evals: dict[str, PolicyEval], data: HeldOut) -> dict | None:
     if judge:
         out["judge"] = judge
         out["win_rate_ptx_vs_ppo"] = win_rate(getattr(a, judge), getattr(b, judge))
-        outcomes = paired_outcomes(getattr(a, judge), getattr(b, judge)).tolist()
-        out["win_rate_ptx_vs_ppo_ci"] = _ci(data.by_prompt(outcomes), 6)
+        out["win_rate_ptx_vs_ppo_ci"] = list(win_rate_ci(getattr(a, judge), getattr(b, judge), seed=6,
+                                                         group_size=data.repeats))
     return out
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from rlhf import train_state
-from rlhf.config import Config, OptimizerConfig
+from rlhf.config import Config
 from rlhf.models import load_state_file
 from orchestration.rundir import MetricsLogger, StageDir, atomic_write_dir, read_metrics
 
@@ -129,10 +129,6 @@ def seed_worker(seed: int, rank: int) -> None:
 
 
 # ---------------------------------------------------------------- optimisation
-
-def make_optimizer(model: nn.Module, lr: float, opt: OptimizerConfig) -> torch.optim.Optimizer:
-    return train_state.make_optimizer(model.parameters(), lr, opt)
-
 
 def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float | None) -> float:
     """Clip (if configured), step, advance the LR schedule, clear grads; returns the grad norm."""

@@ -24,6 +24,7 @@ from rlhf.config import Config
 from rlhf.losses import rm_bias, rm_ranking_loss
 from rlhf.models import ScalarModel, last_token_index, load_tokenizer
 from rlhf.schedules import cosine_to_fraction, lambda_lr
+from rlhf.train_state import make_optimizer
 from rlhf.tiny import set_residual_dropout
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def train_loop(ctx: harness.WorkerContext, init: str) -> dict:
     per_epoch = len(train) // rc.batch_size
     total = rc.epochs * per_epoch
     model = ctx.wrap(model)  # on the device before the optimizer (and a restored state) sees it
-    optimizer = harness.make_optimizer(model, rc.lr, cfg.optimizer)
+    optimizer = make_optimizer(model.parameters(), rc.lr, cfg.optimizer)
     scheduler = lambda_lr(optimizer, cosine_to_fraction, total_steps=total, final_fraction=rc.final_lr_fraction)
     state = harness.restore_latest(ctx, model, optimizer, scheduler)
     model.train()

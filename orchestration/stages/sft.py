@@ -27,6 +27,7 @@ from rlhf.losses import ptx_lm_loss
 from rlhf.models import ScalarModel, load_policy, load_tokenizer
 from rlhf.sampling import sample
 from rlhf.schedules import cosine_to_fraction, lambda_lr
+from rlhf.train_state import make_optimizer
 from rlhf.tiny import set_residual_dropout
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def train_loop(ctx: harness.WorkerContext, section: str, base: str) -> dict:
     per_epoch = len(train) // n_demo
     total = sc.epochs * per_epoch
     model = ctx.wrap(model)  # on the device before the optimizer (and a restored state) sees it
-    optimizer = harness.make_optimizer(model, sc.lr, cfg.optimizer)
+    optimizer = make_optimizer(model.parameters(), sc.lr, cfg.optimizer)
     scheduler = lambda_lr(optimizer, cosine_to_fraction, total_steps=total, final_fraction=sc.final_lr_fraction)
     state = harness.restore_latest(ctx, model, optimizer, scheduler)
     model.train()

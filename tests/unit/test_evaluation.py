@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from rlhf.evaluation import (block_losses, bootstrap_ci, lm_loss, normal_ci, paired_outcomes,
+from rlhf.evaluation import (block_losses, bootstrap_ci, group_means, lm_loss, normal_ci, paired_outcomes,
                              sequence_kl, summed_log_ratio, win_rate, win_rate_ci)
 
 torch.set_num_threads(1)
@@ -124,3 +124,18 @@ def test_bootstrap_ci_rejects_bad_input():
         bootstrap_ci([])
     with pytest.raises(ValueError):
         bootstrap_ci([1.0], confidence=1.0)
+
+
+def test_win_rate_ci_resamples_whole_prompts():
+    assert group_means([1.0, 0.0, 1.0, 1.0, 0.0, 0.5], 2).tolist() == [0.5, 1.0, 0.25]
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_means([1.0, 0.0, 1.0], 4)
+    # Four identical samples per prompt carry one prompt's worth of evidence: grouped, the
+    # interval is that of the 50 prompts, not of 200 independent outcomes.
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(50, generator=g).repeat_interleave(4)
+    b = torch.rand(50, generator=g).repeat_interleave(4)
+    grouped = win_rate_ci(a, b, group_size=4, seed=2)
+    assert grouped == win_rate_ci(a[::4], b[::4], seed=2)
+    flat_lo, flat_hi = win_rate_ci(a, b, seed=2)
+    assert grouped[1] - grouped[0] > 1.5 * (flat_hi - flat_lo)
