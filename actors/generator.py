@@ -69,10 +69,19 @@ class RolloutGenerator:
         """
         if version < self._version and not rewind:
             raise ValueError(f"weight version {version} is older than the installed {self._version}")
-        named = unpack_buckets(resolve_buckets(buckets), meta)
-        self.engine.load_weights(named.items())
+        buffers, immutable = resolve_buckets(buckets)
+        self.engine.load_weights(unpack_buckets(buffers, meta).items(), borrow=immutable)
         self._version = int(version)
         return self.engine.state_checksum()
+
+    def install_published(self, published: tuple, rewind: bool = False) -> str:
+        """`update_weights` from a learner's `publish_weights` result `(refs, meta, version)`.
+
+        The driver passes the ObjectRef of that result straight on, so this starts the
+        moment the learner has published, without a round trip through the driver.
+        """
+        refs, meta, version = published
+        return self.update_weights(version, meta, *refs, rewind=rewind)
 
     def checksum(self) -> str:
         return self.engine.state_checksum()

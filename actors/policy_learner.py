@@ -22,7 +22,7 @@ import torch
 
 from actors.group import BucketedGrads, DistributedWorker
 from actors.resources import configure_threads, parse_dtype, pick_device
-from actors.weight_sync import BucketMeta, StagingBuffers, checksum, put_buckets
+from actors.weight_sync import BucketMeta, FlatParameters, StagingBuffers, checksum, put_buckets
 from rlhf.collate import LMBatch
 from rlhf.config import OptimizerConfig, PPOConfig
 from rlhf.ema import EMA
@@ -51,15 +51,21 @@ class PolicyLearner(DistributedWorker):
         self.opt_cfg = optimizer or OptimizerConfig()
         self.policy_path = str(policy_path)
         self.model = load_policy(policy_path, dtype=parse_dtype(dtype)).to(self.device).eval()
+        self.cap_bytes = int(bucket_cap_mb * 2**20)
+        # The weight broadcast's CPU buffers: on CPU the parameters themselves live in them
+        # (nothing to pack; before the optimizer, which must see the final parameters);
+        # on a GPU each sync packs a host copy into reused staging buffers.
+        if self.device.type == "cpu":
+            self.flat: FlatParameters | None = FlatParameters(self.model)
+        else:
+            self.flat, self.staging = None, StagingBuffers(self.cap_bytes)
         self.optimizer = make_optimizer(self.model.parameters(), self.ppo.lr, self.opt_cfg)
         self.scheduler = lambda_lr(self.optimizer, warmup_then_constant,
                                    warmup_iters=self.ppo.warmup_iterations,
                                    start_fraction=self.ppo.warmup_start_fraction)
         self.ema = EMA(self.model, decay=self.ppo.ema_decay)
-        self.cap_bytes = int(bucket_cap_mb * 2**20)
         self.grads = BucketedGrads(
             [(n, p) for n, p in self.model.named_parameters() if p.requires_grad], self.cap_bytes)
-        self.staging = StagingBuffers(self.cap_bytes)  # CPU buffers the weight broadcast packs into
         self.forward_batch_size = forward_batch_size
         self.version = 0
 
@@ -150,20 +156,20 @@ class PolicyLearner(DistributedWorker):
     def weight_version(self) -> int:
         return self.version
 
-    def weight_buckets(self) -> tuple[list[torch.Tensor], list[BucketMeta], str]:
-        """Current (not EMA) weights packed into a few CPU buffers, their layout, checksum."""
-        named = list(self.model.named_parameters())
-        buffers, meta = self.staging.pack(named)
-        return buffers, meta, checksum(named)
+    def weight_buckets(self) -> tuple[list[torch.Tensor], list[BucketMeta]]:
+        """Current (not EMA) weights as a few flat CPU buffers and their layout."""
+        if self.flat is not None:
+            return self.flat.buckets(self.model)
+        return self.staging.pack(self.model.named_parameters())
 
-    def publish_weights(self) -> tuple[list, list[BucketMeta], str, int]:
-        """CPU transport: each bucket `ray.put` once here; returns (refs, meta, checksum, version).
+    def publish_weights(self) -> tuple[list, list[BucketMeta], int]:
+        """CPU transport: each bucket `ray.put` once here; returns (refs, meta, version).
 
         The driver then calls `gen.update_weights.remote(version, meta, *refs)` on every
-        generator with the same refs.
+        generator with the same refs, and `checksum` here while they load.
         """
-        buffers, meta, digest = self.weight_buckets()
-        return put_buckets(buffers), meta, digest, self.version
+        buffers, meta = self.weight_buckets()
+        return put_buckets(buffers), meta, self.version
 
     # ------------------------------------------------------------ checkpoints
 

@@ -10,6 +10,9 @@ driver passes the same refs to every generator, which unpacks them by name. A
 buffer travels as a numpy array (`WireBuffer`), which Ray stores out-of-band: one
 copy into the object store on put, and every reader gets a zero-copy view of the
 shared memory (a torch tensor would be pickled, i.e. copied, on both sides).
+That put is the only copy a sync makes: a CPU learner's parameters live in the
+buffers (`FlatParameters`), and a CPU generator points its parameters at the
+read-only snapshot (`load_weights(borrow=True)`) instead of copying it.
 
 `checksum` is exact: a 128-bit XXH3 over every tensor's name, dtype, shape and raw
 bytes in name order, so equal checksums <=> bit-identical weights (up to hash
@@ -21,6 +24,7 @@ blake2b, verifying a sync cost several times the transfer itself.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 from typing import Iterable, Mapping, Sequence
 
@@ -129,6 +133,39 @@ class StagingBuffers:
         return self.buffers, metas
 
 
+class FlatParameters:
+    """A module's parameters moved into flat CPU buffers, so publishing copies nothing.
+
+    Each parameter's `.data` becomes a view of its slot (`plan_buckets` layout), so
+    an optimizer step writes the buffers in place and `ray.put` can take them as they
+    are. Packing a 100M-parameter policy into separate staging buffers was one more
+    full copy per sync (0.05 s of the 0.13 s publish). Build it before the optimizer,
+    and keep later loads in place (`load_state_dict` copies into the views).
+    """
+
+    def __init__(self, module: torch.nn.Module, cap_bytes: int | None = None) -> None:
+        named = list(module.named_parameters())
+        if any(p.device.type != "cpu" for _, p in named):
+            raise ValueError("FlatParameters holds CPU parameters only")
+        # Default: one buffer per dtype. `ray.put` copies one large object faster than
+        # several pieces of it (400 MB here: 0.027 s as one object, 0.045 s as 7 x 64 MB).
+        self.metas = plan_buckets(named, cap_bytes or sys.maxsize)
+        self.buffers = [torch.empty(m.numel, dtype=getattr(torch, m.dtype)) for m in self.metas]
+        pack_into(self.buffers, self.metas, named)
+        views = unpack_buckets(self.buffers, self.metas)
+        for name, p in named:
+            p.data = views[name]
+        self._pointers = {name: views[name].data_ptr() for name, _ in named}
+
+    def buckets(self, module: torch.nn.Module) -> tuple[list[torch.Tensor], list[BucketMeta]]:
+        """The buffers, after checking every parameter of `module` still lives in its slot."""
+        moved = [n for n, p in module.named_parameters() if self._pointers.get(n) != p.data_ptr()]
+        if moved or len(self._pointers) != len(list(module.parameters())):
+            raise RuntimeError(f"parameters no longer in their flat buffers: {moved[:5]} "
+                               "(replaced rather than copied into?)")
+        return self.buffers, self.metas
+
+
 def unpack_buckets(buffers: Sequence[torch.Tensor], metas: Sequence[BucketMeta]) -> dict[str, torch.Tensor]:
     """Named views into the buffers (no copies); checks the layout matches."""
     out: dict[str, torch.Tensor] = {}
@@ -163,10 +200,16 @@ class WireBuffer:
         flat = buffer.detach().to("cpu").contiguous().reshape(-1)
         return cls(_dtype_name(flat.dtype), flat.view(torch.uint8).numpy())
 
+    @property
+    def immutable(self) -> bool:
+        """True for an object-store snapshot: nobody can change these bytes, so a reader may
+        keep using them in place rather than copy them."""
+        return not self.data.flags.writeable
+
     def tensor(self) -> torch.Tensor:
         """The buffer as a tensor over the same memory (read-only when it is the object store's)."""
         with warnings.catch_warnings():
-            # Object-store arrays are read-only; the tensor is only ever read (copied from).
+            # Object-store arrays are read-only; the tensor is only ever read.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             return torch.from_numpy(self.data).view(getattr(torch, self.dtype))
 
@@ -178,9 +221,14 @@ def put_buckets(buffers: Sequence[torch.Tensor]) -> list:
     return [ray.put(WireBuffer.of(b)) for b in buffers]
 
 
-def resolve_buckets(buckets: Sequence) -> list[torch.Tensor]:
+def resolve_buckets(buckets: Sequence) -> tuple[list[torch.Tensor], bool]:
     """Buffers given as tensors, WireBuffers or ObjectRefs to either (Ray resolves
-    top-level arguments itself, so an actor method usually receives WireBuffers)."""
+    top-level arguments itself, so an actor method usually receives WireBuffers).
+
+    Returns the tensors and whether all of them are immutable object-store snapshots,
+    which a generator may then use in place (`load_weights(..., borrow=True)`); a plain
+    tensor may be someone's live buffer and must be copied.
+    """
     import ray
 
     out = list(buckets)
@@ -188,4 +236,5 @@ def resolve_buckets(buckets: Sequence) -> list[torch.Tensor]:
     if refs:
         for i, value in zip(refs, ray.get([out[i] for i in refs])):
             out[i] = value
-    return [b.tensor() if isinstance(b, WireBuffer) else b for b in out]
+    immutable = all(isinstance(b, WireBuffer) and b.immutable for b in out)
+    return [b.tensor() if isinstance(b, WireBuffer) else b for b in out], immutable

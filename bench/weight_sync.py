@@ -4,14 +4,15 @@
 
 1. The real path: a PolicyLearner (rank 0 of a WorkerGroup) and 1, 2 or 4
    RolloutGenerator actors (hf engine) holding GPT-2 policies of ~10M and ~100M
-   parameters; `ObjectStoreSync.sync()` as the PPO trainer calls it (pack, put,
-   every generator unpacks, loads and checksums; the driver verifies), with the
-   phases timed apart: publish (pack + checksum + put on the learner), update
-   (get + load + checksum on each generator), and the checksums alone.
+   parameters; `ObjectStoreSync.sync()` as the PPO trainer calls it (the learner
+   puts its flat parameter buffers; every generator points its model at them and
+   checksums while the learner checksums; the driver verifies), with the phases
+   timed apart: publish (put on the learner), update (get + install + checksum on
+   each generator), and the checksums alone.
 2. The limit: one `ray.put` of a single flat buffer of the same bytes in one
    actor and a `ray.get` of it in each of the 1, 2 or 4 receiving actors.
 3. Bytes, not tensors: the same bytes as 10 or 1000 tensors through the same
-   pack/put/unpack/load/checksum code in minimal actors.
+   put/unpack/install/checksum code in minimal actors.
 All actors are single-threaded on a local `ray.init(num_cpus=2)`. Times are the
 best of `--repeats` (the least disturbed by other load).
 Writes bench/results/weight_sync.json.
@@ -49,21 +50,22 @@ class FlatSource:
 
 
 class Sender:
-    """Minimal learner side: PolicyLearner.publish_weights' code on `n` tensors."""
+    """Minimal learner side: PolicyLearner's CPU publish (flat parameters, put, checksum) on `n` tensors."""
 
     def __init__(self, n_tensors: int, total_params: int) -> None:
+        from actors.weight_sync import FlatParameters
+
         torch.set_num_threads(1)
         g = torch.Generator().manual_seed(0)
-        self.named = {f"t{i}": torch.randn(total_params // n_tensors, generator=g) for i in range(n_tensors)}
-        from actors.weight_sync import StagingBuffers
-
-        self.staging = StagingBuffers()
+        self.module = torch.nn.ParameterDict(
+            {f"t{i}": torch.randn(total_params // n_tensors, generator=g) for i in range(n_tensors)})
+        self.flat = FlatParameters(self.module)
 
     def publish(self) -> tuple:
         from actors.weight_sync import checksum, put_buckets
 
-        buffers, meta = self.staging.pack(self.named)
-        return put_buckets(buffers), meta, checksum(self.named)
+        buffers, meta = self.flat.buckets(self.module)
+        return put_buckets(buffers), meta, checksum(self.module.named_parameters())
 
 
 class Receiver:
@@ -76,8 +78,12 @@ class Receiver:
     def update(self, meta, *buckets) -> str:
         from actors.weight_sync import checksum, resolve_buckets, unpack_buckets
 
-        for name, t in unpack_buckets(resolve_buckets(buckets), meta).items():
-            self.named[name].copy_(t)
+        buffers, immutable = resolve_buckets(buckets)
+        for name, t in unpack_buckets(buffers, meta).items():
+            if immutable:
+                self.named[name] = t
+            else:
+                self.named[name].copy_(t)
         return checksum(self.named)
 
     def receive(self, *buffers) -> int:
@@ -124,7 +130,7 @@ def real_path(name: str, shape: dict, n_gens: list[int], repeats: int, folder: P
         sync = ObjectStoreSync(learners, gens[:n])
         sync.sync()  # warm-up: first-touch allocations on both sides
         total = timed(sync.sync, repeats)
-        refs, meta, digest, version = ray.get(learners.call_rank0("publish_weights"))
+        refs, meta, version = ray.get(learners.call_rank0("publish_weights"))
         publish = timed(lambda: ray.get(learners.call_rank0("publish_weights")), repeats)
         update = timed(lambda: ray.get([g.update_weights.remote(version, meta, *refs) for g in gens[:n]]), repeats)
         learner_sum = timed(lambda: ray.get(learners.call_rank0("checksum")), repeats)
@@ -165,7 +171,8 @@ def tensor_count(total_params: int, counts: list[int], repeats: int) -> list[dic
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: the 10M policy, 1-2 generators")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="best of N for each measurement: fresh object-store pages make some runs 5x slower")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start_local_ray(2)

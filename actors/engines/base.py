@@ -24,8 +24,11 @@ class Engine(Protocol):
         repeatable; None continues the engine's own random stream."""
         ...
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Overwrite the policy's parameters, named as in the learner's HF model."""
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], borrow: bool = False) -> None:
+        """Overwrite the policy's parameters, named as in the learner's HF model.
+
+        `borrow`: the tensors are immutable snapshots (object-store memory), so the
+        engine may use them in place instead of copying; it never writes to them."""
         ...
 
     def state_checksum(self) -> str:

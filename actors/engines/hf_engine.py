@@ -94,7 +94,7 @@ class HFEngine:
         return parts[0] if len(parts) == 1 else align(parts, self.pad_id)
 
     @torch.no_grad()
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], borrow: bool = False) -> None:
         params = dict(self.model.named_parameters())
         incoming = dict(named_tensors)
         unknown = sorted(set(incoming) - set(params))
@@ -107,7 +107,14 @@ class HFEngine:
             if tuple(tensor.shape) != tuple(params[name].shape):
                 raise ValueError(f"{name}: shape {tuple(tensor.shape)} != {tuple(params[name].shape)}")
         for name, tensor in incoming.items():
-            params[name].copy_(tensor)
+            p = params[name]
+            if borrow and tensor.device == p.device and tensor.dtype == p.dtype:
+                # Sampling only reads the weights: point at the snapshot instead of copying
+                # it (a 400 MB copy was most of a generator's update); the previous
+                # version's memory is released with its last view.
+                p.data = tensor
+            else:
+                p.copy_(tensor)
 
     def state_checksum(self) -> str:
         return checksum(self.model.named_parameters())

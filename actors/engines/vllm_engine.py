@@ -251,7 +251,8 @@ class VLLMEngine:
         outputs = self.llm.generate(**generate_kwargs(prompts, params))
         return request_outputs_to_samples(prompts, outputs, self.pad_id)
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], borrow: bool = False) -> None:
+        # vLLM always copies into its own (GPU) weights: `borrow` changes nothing here.
         self.llm.collective_rpc("instructray_load_weights", args=(to_wire(named_tensors),))
         self._reset_prefix_cache()
 

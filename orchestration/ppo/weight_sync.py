@@ -26,11 +26,14 @@ class ObjectStoreSync:
         self.learners, self.generators = learners, generators
 
     def sync(self, only: Sequence[int] | None = None, rewind: bool = False) -> dict:
-        refs, meta, checksum, version = gather([self.learners.call_rank0("publish_weights")], "learner")[0]
+        # All submitted at once: the generators start when the learner has published, and
+        # the learner fingerprints its weights while they load theirs. The learner's
+        # results are gathered first, so a dead learner is not blamed on a generator.
+        published = self.learners.call_rank0("publish_weights")
         which = list(range(len(self.generators))) if only is None else list(only)
-        got = gather([self.generators[i].update_weights.remote(version, meta, *refs, rewind=rewind)
-                      for i in which], "generator", which)
-        return _verified(checksum, got, version)
+        loading = [self.generators[i].install_published.remote(published, rewind=rewind) for i in which]
+        (_, _, version), checksum = gather([published, self.learners.call_rank0("checksum")], "learner")
+        return _verified(checksum, gather(loading, "generator", which), version)
 
     def reconnect(self, generator) -> None:
         """A restarted generator needs nothing special: the next sync reaches it."""

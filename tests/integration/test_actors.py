@@ -17,6 +17,7 @@ from actors.group import WorkerGroup
 from actors.policy_learner import PolicyLearner, StaleRolloutError
 from actors.reference_scorer import ReferenceScorer
 from actors.resources import actor_class
+from actors.weight_sync import checksum
 from actors.reward_scorer import RewardScorer
 from rlhf.collate import lm_batch, pack_text
 from rlhf.config import OptimizerConfig, PPOConfig
@@ -115,6 +116,21 @@ def test_hf_engine_split_batches_align_to_one_batch(dirs):
 def _local_learner(dirs, **ppo):
     return PolicyLearner(dirs["policy"], PPOConfig(lr=3e-3, warmup_iterations=2, **ppo), OptimizerConfig(),
                          num_threads=1, device="cpu")
+
+
+def test_hf_engine_borrows_an_immutable_snapshot_and_copies_anything_else(dirs):
+    engine = HFEngine(dirs["policy"], device="cpu")
+    named = {n: p.detach().clone() + 0.5 for n, p in engine.model.named_parameters()}
+    engine.load_weights(named.items())
+    assert all(p.data_ptr() != named[n].data_ptr() for n, p in engine.model.named_parameters())
+    engine.load_weights(named.items(), borrow=True)
+    assert all(p.data_ptr() == named[n].data_ptr() for n, p in engine.model.named_parameters())
+    assert engine.state_checksum() == checksum(named)
+    emb = engine.model.get_input_embeddings().weight
+    assert engine.model.get_output_embeddings().weight.data_ptr() == emb.data_ptr()  # still tied
+    s = engine.generate(_prompt_ids(dirs["tok"]), 4, seed=0)  # samples from the borrowed weights
+    torch.testing.assert_close(token_logprobs(engine.model, s.input_ids, s.attention_mask)[s.action_mask.bool()],
+                               s.sampler_logprobs[s.action_mask.bool()], atol=1e-4, rtol=1e-4)
 
 
 def _local_experience(learner, tok, seed):
@@ -222,9 +238,9 @@ def test_learner_group_steps_jointly_and_stays_bit_identical(team, dirs):
 def test_weight_sync_reaches_both_generators_with_the_new_version(team, dirs):
     tok, learners, gens = dirs["tok"], team["learners"], team["gens"]
     assert ray.get(learners.call_all("end_iteration")) == [1, 1]
-    refs, meta, digest, version = ray.get(learners.call_rank0("publish_weights"))
+    refs, meta, version = ray.get(learners.call_rank0("publish_weights"))
     assert version == 1 and 1 <= len(refs) <= 2  # one fp32 bucket for a tiny model
-    assert digest == ray.get(learners.call_rank0("checksum"))
+    digest = ray.get(learners.call_rank0("checksum"))
     assert all(c != digest for c in ray.get([g.checksum.remote() for g in gens]))
     reported = ray.get([g.update_weights.remote(version, meta, *refs) for g in gens])
     assert reported == [digest, digest]

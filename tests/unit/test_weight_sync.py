@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from actors.weight_sync import StagingBuffers, checksum, pack_buckets, plan_buckets, unpack_buckets
+from actors.weight_sync import (FlatParameters, StagingBuffers, checksum, pack_buckets, plan_buckets,
+                                unpack_buckets)
 
 
 def _named():
@@ -94,3 +95,38 @@ def test_staging_buffers_are_reused_and_follow_the_weights():
     fewer = dict(list(named.items())[1:])
     buffers, metas = staging.pack(fewer)  # another layout: new buffers that fit it
     assert checksum(unpack_buckets(buffers, metas)) == checksum(fewer)
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.mid = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight  # tied, as GPT-2's lm_head
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mid(self.emb(ids))))
+
+
+def test_flat_parameters_are_the_buffers_an_optimizer_step_writes():
+    torch.manual_seed(0)
+    model = _Tied()
+    before = checksum(model.named_parameters())
+    flat = FlatParameters(model, cap_bytes=2048)  # several buckets
+    assert checksum(model.named_parameters()) == before  # moving changed no value
+    buffers, metas = flat.buckets(model)
+    assert len(buffers) > 1 and model.head.weight is model.emb.weight
+    spans = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()) for b in buffers]
+    for _, p in model.named_parameters():
+        assert any(lo <= p.data_ptr() < hi for lo, hi in spans)  # a view, not a copy
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.arange(10)).sum().backward()
+    opt.step()
+    assert checksum(model.named_parameters()) != before
+    assert checksum(unpack_buckets(buffers, metas)) == checksum(model.named_parameters())
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})  # copies in place
+    flat.buckets(model)
+    model.mid.weight.data = model.mid.weight.data.clone()  # replaced: the buffers would go stale
+    with pytest.raises(RuntimeError, match="mid.weight"):
+        flat.buckets(model)

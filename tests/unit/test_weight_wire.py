@@ -23,7 +23,8 @@ def test_buffers_travel_out_of_band_and_arrive_bit_exact():
     assert sum(memoryview(b).nbytes for b in out_of_band) == sum(b.numel() * b.element_size() for b in buffers)
     assert len(blob) < 1000
     received = pickle.loads(blob, buffers=out_of_band)
-    tensors = resolve_buckets(received)
+    tensors, immutable = resolve_buckets(received)
+    assert not immutable  # writable memory someone else may change: a reader must copy it
     for got, sent in zip(tensors, buffers):
         assert got.dtype == sent.dtype and torch.equal(got, sent)
     assert checksum(unpack_buckets(tensors, metas)) == checksum(named)
@@ -35,3 +36,14 @@ def test_a_wire_tensor_shares_the_received_memory():
     t = wire.tensor()
     assert t.data_ptr() == wire.data.ctypes.data  # a view, not a copy
     assert torch.equal(t, buf)
+
+
+def test_only_read_only_received_memory_counts_as_an_immutable_snapshot():
+    buffers, _ = pack_buckets(_named())
+    out_of_band = []
+    blob = pickle.dumps([WireBuffer.of(b) for b in buffers], protocol=5, buffer_callback=out_of_band.append)
+    # Ray hands readers read-only views of object-store memory; bytes stand in for it here
+    read_only = pickle.loads(blob, buffers=[bytes(memoryview(b)) for b in out_of_band])
+    tensors, immutable = resolve_buckets(read_only)
+    assert immutable and all(torch.equal(t, b) for t, b in zip(tensors, buffers))
+    assert resolve_buckets(read_only + [buffers[0]])[1] is False  # one live tensor: copy them all
