@@ -9,7 +9,8 @@ Runs pretrain -> SFT -> RM -> SFT selection with Ray Train on configs/tiny.yaml
   test prompts (and the share of exact answers);
 - the RM's pairwise accuracy against the noiseless gold ranking and against
   the noisy labels, beside the noise ceiling (the gold labeler's own accuracy
-  on those noisy labels, and the nominal labeler_agreement);
+  on those noisy labels, and the nominal labeler_agreement), and against the
+  gold labeler on pairs of the SFT policy's own samples (what PPO shows it);
 - the RM stage on HH-RLHF harmless test pairs (../shared/data) with a tiny
   model whose tokenizer is trained on that text (skipped if the data is absent);
 - wall time of every stage.
@@ -18,6 +19,7 @@ Prints the numbers and writes them to DIR/stages.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -32,7 +34,7 @@ from orchestration.stages import harness, pretrain, rm, sft
 from rlhf.config import Config, load_config
 from rlhf.data import Demonstration, PromptRecord, TextRecord, write_jsonl
 from rlhf.data.adapters import hh_rlhf
-from rlhf.models import load_policy, load_tokenizer
+from rlhf.models import ScalarModel, load_policy, load_tokenizer
 from rlhf.sampling import sample
 from rlhf.synthetic import gold_score, parse_prompt
 
@@ -58,6 +60,33 @@ def gold_eval(model_dir: str | Path, prompts: list[str], cfg: Config, seed: int)
             scores.append(gold_score(parse_prompt(p), tokenizer.decode(row[mask.bool()])))
     return {"gold_mean": sum(scores) / len(scores), "exact": sum(x == 1.0 for x in scores) / len(scores),
             "n": len(scores)}
+
+
+@torch.no_grad()
+def rm_on_sft_samples(cfg: Config, k: int = 8, seed: int = 1) -> dict:
+    """The RM's accuracy against the gold labeler on pairs of the SFT policy's own T=1 samples
+    (k per test prompt): the distribution PPO shows it, unlike the held-out rankings of the
+    answer and its corruptions. Identical responses and gold ties are left out."""
+    policy_dir, rm_dir = StageDir(cfg.output_dir, "sft").final, StageDir(cfg.output_dir, "rm").final
+    tokenizer, policy = load_tokenizer(policy_dir), load_policy(policy_dir).eval()
+    reward = ScalarModel.from_pretrained(rm_dir).eval()
+    gen = torch.Generator().manual_seed(seed)
+    right = pairs = 0
+    prompts = [r.prompt for r in stage_data.load(cfg, "prompts", "test")]
+    for i in range(0, len(prompts), 64):
+        chunk = [p for p in prompts[i:i + 64] for _ in range(k)]
+        s = sample(policy, [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk],
+                   cfg.model.max_response_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                   temperature=1.0, generator=gen)
+        scores = reward.score(s.input_ids, s.attention_mask).tolist()
+        texts = [tokenizer.decode(row[m.bool()]) for row, m in zip(s.input_ids, s.action_mask)]
+        gold = [gold_score(parse_prompt(p), t) for p, t in zip(chunk, texts)]
+        for g in range(0, len(chunk), k):
+            for a, b in itertools.combinations(range(g, g + k), 2):
+                if texts[a] != texts[b] and gold[a] != gold[b]:
+                    pairs += 1
+                    right += (gold[a] > gold[b]) == (scores[a] > scores[b])
+    return {"accuracy": right / max(pairs, 1), "n_pairs": pairs, "samples_per_prompt": k}
 
 
 def noise_ceiling(cfg: Config) -> float:
@@ -105,6 +134,7 @@ def synthetic_run(cfg: Config) -> dict:
     out["rm"] = {"acc_vs_gold": valid["gold"]["accuracy"], "acc_vs_noisy": valid["noisy"]["accuracy"],
                  "pairs_gold": valid["gold"]["n_pairs"], "pairs_noisy": valid["noisy"]["n_pairs"],
                  "noise_ceiling_empirical": noise_ceiling(cfg),
+                 "acc_vs_gold_on_sft_samples": rm_on_sft_samples(cfg),
                  "labeler_agreement": cfg.data.synthetic.labeler_agreement,
                  "reward_bias": results["rm"]["reward_bias"]}
     return out
