@@ -64,14 +64,17 @@ def gold_eval(model_dir: str | Path, prompts: list[str], cfg: Config, seed: int)
 
 @torch.no_grad()
 def rm_on_sft_samples(cfg: Config, k: int = 8, seed: int = 1) -> dict:
-    """The RM's accuracy against the gold labeler on pairs of the SFT policy's own T=1 samples
-    (k per test prompt): the distribution PPO shows it, unlike the held-out rankings of the
-    answer and its corruptions. Identical responses and gold ties are left out."""
+    """The RM against the gold labeler on the SFT policy's own T=1 samples (k per test prompt),
+    the distribution PPO shows it (unlike the held-out rankings of the answer and its
+    corruptions): pairwise accuracy (identical responses and gold ties left out), and the
+    gold score of the RM's favourite of the k beside the mean: the gain best-of-k sampling
+    against this RM would give, a yardstick for what optimising it can buy."""
     policy_dir, rm_dir = StageDir(cfg.output_dir, "sft").final, StageDir(cfg.output_dir, "rm").final
     tokenizer, policy = load_tokenizer(policy_dir), load_policy(policy_dir).eval()
     reward = ScalarModel.from_pretrained(rm_dir).eval()
     gen = torch.Generator().manual_seed(seed)
     right = pairs = 0
+    mean_gold, best_gold = [], []
     prompts = [r.prompt for r in stage_data.load(cfg, "prompts", "test")]
     for i in range(0, len(prompts), 64):
         chunk = [p for p in prompts[i:i + 64] for _ in range(k)]
@@ -82,11 +85,14 @@ def rm_on_sft_samples(cfg: Config, k: int = 8, seed: int = 1) -> dict:
         texts = [tokenizer.decode(row[m.bool()]) for row, m in zip(s.input_ids, s.action_mask)]
         gold = [gold_score(parse_prompt(p), t) for p, t in zip(chunk, texts)]
         for g in range(0, len(chunk), k):
+            mean_gold.append(sum(gold[g:g + k]) / k)
+            best_gold.append(gold[max(range(g, g + k), key=scores.__getitem__)])
             for a, b in itertools.combinations(range(g, g + k), 2):
                 if texts[a] != texts[b] and gold[a] != gold[b]:
                     pairs += 1
                     right += (gold[a] > gold[b]) == (scores[a] > scores[b])
-    return {"accuracy": right / max(pairs, 1), "n_pairs": pairs, "samples_per_prompt": k}
+    return {"accuracy": right / max(pairs, 1), "n_pairs": pairs, "samples_per_prompt": k,
+            "gold_mean": sum(mean_gold) / len(mean_gold), "gold_of_rm_best": sum(best_gold) / len(best_gold)}
 
 
 def noise_ceiling(cfg: Config) -> float:
