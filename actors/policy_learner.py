@@ -165,8 +165,8 @@ class PolicyLearner(DistributedWorker):
     def publish_weights(self) -> tuple[list, list[BucketMeta], int]:
         """CPU transport: each bucket `ray.put` once here; returns (refs, meta, version).
 
-        The driver then calls `gen.update_weights.remote(version, meta, *refs)` on every
-        generator with the same refs, and `checksum` here while they load.
+        The driver passes this call's ObjectRef to every generator's `install_published`
+        (the same refs for all), and calls `checksum` here while they load.
         """
         buffers, meta = self.weight_buckets()
         return put_buckets(buffers), meta, self.version
