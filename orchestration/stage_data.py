@@ -46,8 +46,9 @@ def synthetic_records(cfg: Config) -> dict[str, list[Record]]:
     suite = SyntheticSuite(syn.seed, syn.labeler_agreement, syn.demo_noise, syn.families)
     train = {"demonstrations": syn.num_demonstrations, "comparisons": syn.num_comparisons,
              "prompts": syn.num_prompts, "pretrain": syn.num_pretrain_docs}
-    held_out = {"demonstrations": syn.num_eval_prompts, "comparisons": syn.num_eval_prompts,
-                "prompts": syn.num_eval_prompts, "pretrain": cfg.eval.num_pretrain_docs}
+    held_out = {"demonstrations": syn.num_eval_prompts, "prompts": syn.num_eval_prompts,
+                "comparisons": syn.num_eval_comparisons or syn.num_eval_prompts,
+                "pretrain": cfg.eval.num_pretrain_docs}
     out: dict[str, list[Record]] = {}
     for split in SPLITS:
         n = train if split == "train" else held_out

@@ -103,6 +103,8 @@ class SyntheticDataConfig(_Section):
     num_prompts: int = Field(31000, ge=1)
     num_pretrain_docs: int = Field(5000, ge=1)
     num_eval_prompts: int = Field(200, ge=1)
+    # Held-out rankings for the RM's accuracy; None = num_eval_prompts.
+    num_eval_comparisons: int | None = Field(None, ge=1)
 
 
 class DataConfig(_Section):

@@ -37,20 +37,26 @@ def win_rate(scores_a: Scores, scores_b: Scores) -> float:
 
 
 def bootstrap_ci(values: Scores, confidence: float = 0.95, num_resamples: int = 2000,
-                 seed: int = 0) -> tuple[float, float]:
+                 seed: int = 0, weights: Scores | None = None) -> tuple[float, float]:
     """Percentile bootstrap interval for the mean of i.i.d. `values`.
 
     Used over prompts for win rates (each prompt's outcome 1 / 0.5 / 0) and over
-    blocks for LM loss differences, so no distributional form is assumed.
+    blocks for LM loss differences, so no distributional form is assumed. With
+    `weights` it is the weighted mean: a pooled rate such as pairwise accuracy,
+    sum(right) / sum(pairs), is the mean of per-prompt accuracies weighted by
+    their pair counts, and the prompt (not the pair) is what gets resampled.
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     v = _as_tensor(values)
     if v.numel() == 0:
         raise ValueError("no values to resample")
+    w = torch.ones_like(v) if weights is None else _as_tensor(weights)
+    if w.shape != v.shape or bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise ValueError(f"need one non-negative weight per value, not all 0: {tuple(w.shape)} for {v.numel()}")
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, v.numel(), (num_resamples, v.numel()), generator=gen)
-    means = v[idx].mean(dim=1)
+    means = (v[idx] * w[idx]).sum(dim=1) / w[idx].sum(dim=1).clamp_min(1e-300)
     alpha = (1.0 - confidence) / 2.0
     lo, hi = torch.quantile(means, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64))
     return float(lo), float(hi)

@@ -19,7 +19,7 @@ TINY = [
     "model.max_response_tokens=16",
     "data.synthetic.num_demonstrations=192", "data.synthetic.num_comparisons=96",
     "data.synthetic.num_prompts=32", "data.synthetic.num_pretrain_docs=300",
-    "data.synthetic.num_eval_prompts=48", "eval.num_pretrain_docs=60",
+    "data.synthetic.num_eval_prompts=48", "data.synthetic.num_eval_comparisons=48", "eval.num_pretrain_docs=60",
     "pretrain.steps=16", "pretrain.batch_size=16", "pretrain.seq_len=64", "pretrain.lr=5e-3",
     "sft.epochs=2", "sft.batch_size=16", "rm.batch_size=8",
 ]

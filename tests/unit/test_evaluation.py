@@ -119,6 +119,26 @@ def test_bootstrap_ci_coverage():
     assert 0.82 <= hits / trials <= 0.96
 
 
+def test_bootstrap_ci_weighted_is_the_pooled_rate():
+    # Pairwise accuracy pooled over prompts: sum(right) / sum(pairs), prompts resampled.
+    g = torch.Generator().manual_seed(7)
+    pairs = torch.randint(1, 31, (600,), generator=g).double()
+    p = torch.where(pairs > 15, 0.9, 0.3).double()  # big prompts are easy: the pooled rate is not the plain mean
+    right = torch.binomial(pairs, p, generator=g)
+    pooled = float(right.sum() / pairs.sum())
+    lo, hi = bootstrap_ci(right / pairs, weights=pairs, num_resamples=4000, seed=2)
+    # Reference by the delta method for a ratio of sums: se = sqrt(n * sum(z^2) / (n - 1)) / sum(pairs).
+    z = right - pooled * pairs
+    se = math.sqrt(len(z) * float((z ** 2).sum()) / (len(z) - 1)) / float(pairs.sum())
+    assert lo == pytest.approx(pooled - 1.96 * se, abs=0.004)
+    assert hi == pytest.approx(pooled + 1.96 * se, abs=0.004)
+    assert not lo <= float((right / pairs).mean()) <= hi
+    # Equal weights are the plain mean.
+    assert bootstrap_ci(right / pairs, weights=[2.0] * 600, seed=3) == pytest.approx(bootstrap_ci(right / pairs, seed=3))
+    with pytest.raises(ValueError, match="weight"):
+        bootstrap_ci([0.5, 1.0], weights=[1.0])
+
+
 def test_bootstrap_ci_rejects_bad_input():
     with pytest.raises(ValueError):
         bootstrap_ci([])

@@ -13,7 +13,7 @@ def _cfg(tmp_path, *extra):
     return load_config("tiny", [f"run.output_dir={tmp_path}", "data.synthetic.num_demonstrations=20",
                                 "data.synthetic.num_comparisons=10", "data.synthetic.num_prompts=10",
                                 "data.synthetic.num_pretrain_docs=10", "data.synthetic.num_eval_prompts=6",
-                                "eval.num_pretrain_docs=4", *extra])
+                                "data.synthetic.num_eval_comparisons=8", "eval.num_pretrain_docs=4", *extra])
 
 
 def test_gold_rankings_rank_by_gold_score_best_first():
@@ -32,6 +32,7 @@ def test_synthetic_records_have_the_configured_sizes_and_split_ownership(tmp_pat
     recs = stage_data.synthetic_records(_cfg(tmp_path))
     assert len(recs["demonstrations_train"]) == 20 and len(recs["demonstrations_valid"]) == 6
     assert len(recs["pretrain_test"]) == 4 and len(recs["prompts_test"]) == 6
+    assert len(recs["comparisons_valid"]) == len(recs["comparisons_test"]) == 8  # the RM's held-out rankings
     assert all(split_of(r.prompt) == "valid" for r in recs["comparisons_valid"])
     gold = recs["comparisons_valid_gold"]
     assert [g.responses for g in gold] == [c.responses for c in recs["comparisons_valid"]][:len(gold)]
