@@ -53,7 +53,8 @@ def synthetic_records(cfg: Config) -> dict[str, list[Record]]:
     for split in SPLITS:
         n = train if split == "train" else held_out
         out[f"demonstrations_{split}"] = suite.demonstrations(split, n["demonstrations"])
-        out[f"comparisons_{split}"] = suite.comparisons(split, n["comparisons"], syn.k_min, syn.k_max)
+        out[f"comparisons_{split}"] = suite.comparisons(split, n["comparisons"], syn.k_min, syn.k_max,
+                                                        run_on_prob=syn.run_on_prob if split == "train" else 0.0)
         out[f"prompts_{split}"] = suite.prompt_records(split, n["prompts"])
         out[f"pretrain_{split}"] = suite.pretraining_text(split, n["pretrain"])
         if split != "train":

@@ -98,6 +98,8 @@ class SyntheticDataConfig(_Section):
     families: list[str] | None = None
     num_demonstrations: int = Field(2000, ge=1)
     num_comparisons: int = Field(1000, ge=1)
+    # Share of training candidates that run on past the response limit (held-out rankings have none).
+    run_on_prob: float = Field(0.0, ge=0, le=0.9)
     k_min: int = Field(4, ge=2, le=9)
     k_max: int = Field(9, ge=2, le=9)
     num_prompts: int = Field(31000, ge=1)

@@ -26,6 +26,10 @@ Sampler = Callable[[list[str]], Sequence[str]]
 CORRECT_CANDIDATE_PROB = 0.5
 OFF_TOPIC_PROB = 0.1
 _SEVERITIES = (1, 1, 1, 2, 2, 3)
+# A run-on: a start of an answer that never stops, longer than any response limit,
+# so it reaches the RM truncated, without EOS (what a policy does when it rambles).
+RUN_ON_WORDS = (40, 60)
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 class SyntheticSuite:
@@ -73,12 +77,24 @@ class SyntheticSuite:
             demos.append(Demonstration(prompt=format_prompt(task), response=format_response(answer)))
         return demos
 
-    def _candidates(self, task: Task, k: int, rng: random.Random) -> list[str]:
+    @staticmethod
+    def _run_on(task: Task, rng: random.Random) -> str:
+        words = corrupt(task, rng).split() if rng.random() < 0.5 else task.answer.split()
+        length = rng.randint(*RUN_ON_WORDS)
+        while len(words) < length:
+            words.append(rng.choice(TASK_WORDS) if rng.random() < 0.5
+                         else "".join(rng.choice(_LETTERS) for _ in range(rng.randint(1, 8))))
+        return " ".join(words)
+
+    def _candidates(self, task: Task, k: int, rng: random.Random, run_on_prob: float = 0.0) -> list[str]:
         answers: list[str] = [task.answer] if rng.random() < CORRECT_CANDIDATE_PROB else []
         while len(answers) < k:
             for _ in range(5):  # prefer distinct candidates; a tie now and then is fine
-                if rng.random() < OFF_TOPIC_PROB:
+                kind = rng.random()
+                if kind < OFF_TOPIC_PROB:
                     cand = " ".join(rng.choice(TASK_WORDS) for _ in range(rng.randint(1, 6)))
+                elif kind < OFF_TOPIC_PROB + run_on_prob:
+                    cand = self._run_on(task, rng)
                 else:
                     cand = corrupt(task, rng, severity=rng.choice(_SEVERITIES))
                 if cand not in answers:
@@ -92,24 +108,27 @@ class SyntheticSuite:
         return [format_response(a) for a in answers]
 
     def comparisons(self, split: str, n: int, k_min: int = 4, k_max: int = 9,
-                    sampler: Sampler | None = None) -> list[Comparison]:
+                    sampler: Sampler | None = None, run_on_prob: float = 0.0) -> list[Comparison]:
         """K-way rankings (K uniform in [k_min, k_max]) by the noisy labeler.
 
-        Without `sampler` the K responses are the answer and its corruptions,
-        and exactly n comparisons come back. With it (the paper ranks policy
-        samples), `sampler` receives the flat list of prompts, each repeated K
-        times, and returns one response each; empty responses are left out
-        (a record cannot hold them) and a prompt whose ranking orders no pair
-        (fewer than 2 responses left, or all tied) is dropped, so fewer than n
-        may come back.
+        Without `sampler` the K responses are the answer and its corruptions
+        (each other candidate a run-on with probability `run_on_prob`; 0 leaves
+        the data exactly as without it), and exactly n comparisons come back.
+        With it (the paper ranks policy samples), `sampler` receives the flat
+        list of prompts, each repeated K times, and returns one response each;
+        empty responses are left out (a record cannot hold them) and a prompt
+        whose ranking orders no pair (fewer than 2 responses left, or all
+        tied) is dropped, so fewer than n may come back.
         """
         if not 2 <= k_min <= k_max <= MAX_K:
             raise ValueError(f"need 2 <= k_min <= k_max <= {MAX_K}, got {k_min}, {k_max}")
+        if not 0.0 <= run_on_prob <= 1.0 - OFF_TOPIC_PROB:
+            raise ValueError(f"run_on_prob must be in [0, {1.0 - OFF_TOPIC_PROB}], got {run_on_prob}")
         tasks = self._tasks("comparisons", split, n)
         rng = self._rng("comparison-candidates", split)
         ks = [rng.randint(k_min, k_max) for _ in tasks]
         if sampler is None:
-            groups = [self._candidates(t, k, rng) for t, k in zip(tasks, ks)]
+            groups = [self._candidates(t, k, rng, run_on_prob) for t, k in zip(tasks, ks)]
         else:
             flat = [format_prompt(t) for t, k in zip(tasks, ks) for _ in range(k)]
             out = list(sampler(flat))

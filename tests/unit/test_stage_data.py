@@ -6,6 +6,7 @@ from orchestration import stage_data
 from rlhf.config import load_config
 from rlhf.data import Comparison, Demonstration, PromptRecord, TextRecord, write_jsonl
 from rlhf.synthetic import gold_score, parse_prompt
+from rlhf.synthetic.suite import RUN_ON_WORDS
 from rlhf.synthetic.tasks import split_of
 
 
@@ -37,6 +38,14 @@ def test_synthetic_records_have_the_configured_sizes_and_split_ownership(tmp_pat
     gold = recs["comparisons_valid_gold"]
     assert [g.responses for g in gold] == [c.responses for c in recs["comparisons_valid"]][:len(gold)]
     assert "comparisons_train_gold" not in recs  # training sees the noisy labels only
+
+
+def test_run_ons_go_to_training_rankings_only(tmp_path):
+    recs = stage_data.synthetic_records(_cfg(tmp_path, "data.synthetic.run_on_prob=0.5"))
+    def longest(name):
+        return max(len(r.split()) for c in recs[name] for r in c.responses)
+    assert longest("comparisons_train") >= RUN_ON_WORDS[0]
+    assert longest("comparisons_valid") < RUN_ON_WORDS[0] and longest("comparisons_test") < RUN_ON_WORDS[0]
 
 
 def test_materialise_is_deterministic_and_written_once(tmp_path):

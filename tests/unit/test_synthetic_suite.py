@@ -6,7 +6,7 @@ import pytest
 from rlhf.data.formats import Comparison, Demonstration, PromptRecord, TextRecord
 from rlhf.synthetic import vocab
 from rlhf.synthetic.labeler import gold_score, noiseless_ranks
-from rlhf.synthetic.suite import SyntheticSuite
+from rlhf.synthetic.suite import RUN_ON_WORDS, SyntheticSuite
 from rlhf.synthetic.tasks import FAMILIES, format_response, parse_prompt
 
 SPLITS = ("train", "valid", "test")
@@ -94,6 +94,30 @@ def test_comparisons_have_k_in_range_and_valid_ranks():
         task = parse_prompt(c.prompt)
         with_answer += format_response(task.answer) in c.responses
     assert 0.4 < with_answer / len(comps) < 0.7
+
+
+def test_run_ons_appear_only_when_asked_and_rank_below_the_answer():
+    suite = SyntheticSuite(seed=3, labeler_agreement=1.0)
+    plain = suite.comparisons("train", 300)
+    assert plain == suite.comparisons("train", 300, run_on_prob=0.0)  # 0 draws the same data
+    assert all(len(r.split()) < RUN_ON_WORDS[0] for c in plain for r in c.responses)
+    mixed = suite.comparisons("train", 300, run_on_prob=0.3)
+    others = run_ons = 0
+    for c in mixed:
+        task = parse_prompt(c.prompt)
+        answer = format_response(task.answer)
+        for i, r in enumerate(c.responses):
+            if r == answer:
+                continue
+            others += 1
+            if len(r.split()) >= RUN_ON_WORDS[0]:
+                run_ons += 1
+                assert len(r.split()) <= RUN_ON_WORDS[1] and gold_score(task, r) < 0.25
+                if answer in c.responses:
+                    assert c.ranks[c.responses.index(answer)] < c.ranks[i]
+    assert 0.25 < run_ons / others < 0.35
+    with pytest.raises(ValueError, match="run_on_prob"):
+        suite.comparisons("train", 3, run_on_prob=0.95)
 
 
 def test_perfect_labeler_comparisons_follow_gold_scores():
