@@ -38,7 +38,7 @@ from rlhf.collate import TokenLimits, collate_encoded, encode_pair
 from rlhf.config import Config, load_config
 from rlhf.data import Demonstration, PromptRecord, TextRecord, write_jsonl
 from rlhf.data.adapters import hh_rlhf
-from rlhf.evaluation import bootstrap_ci
+from rlhf.evaluation import bootstrap_ci, paired_outcomes
 from rlhf.models import ScalarModel, load_policy, load_tokenizer
 from rlhf.sampling import sample
 from rlhf.synthetic import SyntheticSuite, gold_score, parse_prompt, rank_responses
@@ -100,9 +100,9 @@ def rm_on_sft_samples(cfg: Config, k: int = 8, seed: int = 1) -> dict:
             "gold_mean": sum(mean_gold) / len(mean_gold), "gold_of_rm_best": sum(best_gold) / len(best_gold)}
 
 
-def pair_outcome(a: float, b: float) -> float:
-    """1 if a pair ordered (a over b) is ordered the same way by scores a, b; 1/2 on a tie."""
-    return 1.0 if a > b else 0.5 if a == b else 0.0
+def agreements(scores: list[float], pairs: list[tuple[int, int]]) -> float:
+    """How many of the ordered (better, worse) pairs `scores` orders the same way, ties 1/2."""
+    return float(paired_outcomes([scores[w] for w, _ in pairs], [scores[l] for _, l in pairs]).sum())
 
 
 @torch.no_grad()
@@ -141,12 +141,10 @@ def rm_against_labelers(cfg: Config, n_prompts: int = 2000, seed: int = 1) -> di
         judges = {"rm": rm_score, "inter_labeler": [-r for r in other], "gold_labeler": gold}
         noisy_pairs = c.pairs()
         for name, scores in judges.items():
-            per_prompt[name].append((sum(pair_outcome(scores[w], scores[l]) for w, l in noisy_pairs),
-                                     len(noisy_pairs)))
+            per_prompt[name].append((agreements(scores, noisy_pairs), len(noisy_pairs)))
         gold_pairs = [(w, l) for w, l in itertools.permutations(range(len(gold)), 2) if gold[w] > gold[l]]
         if gold_pairs:
-            per_prompt["rm_vs_gold"].append((sum(pair_outcome(rm_score[w], rm_score[l]) for w, l in gold_pairs),
-                                             len(gold_pairs)))
+            per_prompt["rm_vs_gold"].append((agreements(rm_score, gold_pairs), len(gold_pairs)))
     out: dict = {"prompts": len(per_prompt["rm"]), "split": "test"}
     for name, rows in per_prompt.items():
         right, pairs = zip(*rows)
@@ -160,10 +158,8 @@ def noise_ceiling(cfg: Config) -> float:
     right = total = 0.0
     for c in stage_data.load(cfg, "comparisons", "valid"):
         task = parse_prompt(c.prompt)
-        gold = [gold_score(task, r) for r in c.responses]
-        for w, l in c.pairs():
-            right += pair_outcome(gold[w], gold[l])
-            total += 1
+        right += agreements([gold_score(task, r) for r in c.responses], c.pairs())
+        total += len(c.pairs())
     return right / total
 
 

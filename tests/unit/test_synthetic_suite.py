@@ -99,7 +99,7 @@ def test_comparisons_have_k_in_range_and_valid_ranks():
 def test_run_ons_appear_only_when_asked_and_rank_below_the_answer():
     suite = SyntheticSuite(seed=3, labeler_agreement=1.0)
     plain = suite.comparisons("train", 300)
-    assert plain == suite.comparisons("train", 300, run_on_prob=0.0)  # 0 draws the same data
+    assert plain == suite.comparisons("train", 300, run_on_prob=0.0)  # the default is no run-ons
     assert all(len(r.split()) < RUN_ON_WORDS[0] for c in plain for r in c.responses)
     mixed = suite.comparisons("train", 300, run_on_prob=0.3)
     others = run_ons = 0
