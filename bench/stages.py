@@ -13,6 +13,10 @@ Runs pretrain -> SFT -> RM -> SFT selection with Ray Train on configs/tiny.yaml
   (a second noisy labeler: the paper's inter-labeler yardstick; the gold
   labeler: the most any predictor of noisy labels can reach); and against the
   gold labeler on pairs of the SFT policy's own samples (what PPO shows it);
+- the RM on random tokens up to the response limit without EOS (what an
+  over-optimised policy wrote) beside the answer;
+- the RM training step with rankings packed one row per prompt vs one padded
+  row per completion (same batches, alternated);
 - the RM stage on HH-RLHF harmless test pairs (../shared/data) with a tiny
   model whose tokenizer is trained on that text (skipped if the data is absent);
 - wall time of every stage.
@@ -34,14 +38,15 @@ import torch
 from orchestration import pipeline, stage_data
 from orchestration.rundir import StageDir
 from orchestration.stages import harness, pretrain, rm, sft
-from rlhf.collate import TokenLimits, collate_encoded, encode_pair
+from rlhf.collate import TokenLimits, collate_encoded, collate_rankings, encode_pair
 from rlhf.config import Config, load_config
 from rlhf.data import Demonstration, PromptRecord, TextRecord, write_jsonl
 from rlhf.data.adapters import hh_rlhf
 from rlhf.evaluation import bootstrap_ci, paired_outcomes
+from rlhf.losses import rm_ranking_loss
 from rlhf.models import ScalarModel, load_policy, load_tokenizer
 from rlhf.sampling import sample
-from rlhf.synthetic import SyntheticSuite, gold_score, parse_prompt, rank_responses
+from rlhf.synthetic import SyntheticSuite, format_response, gold_score, parse_prompt, rank_responses
 
 ROOT = Path(__file__).resolve().parent.parent
 HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base_test.jsonl.gz"
@@ -100,6 +105,29 @@ def rm_on_sft_samples(cfg: Config, k: int = 8, seed: int = 1) -> dict:
             "gold_mean": sum(mean_gold) / len(mean_gold), "gold_of_rm_best": sum(best_gold) / len(best_gold)}
 
 
+@torch.no_grad()
+def rm_on_junk_without_eos(cfg: Config, n_prompts: int = 200, seed: int = 0) -> dict:
+    """How the RM scores what over-optimised PPO policies wrote here: random tokens up to the
+    response limit with no EOS. Beside it, the answer itself (with EOS). The share of prompts
+    where the junk outscores the answer is the opening a policy can exploit."""
+    final = StageDir(cfg.output_dir, "rm").final
+    tokenizer, reward = load_tokenizer(final), ScalarModel.from_pretrained(final).eval()
+    limits = TokenLimits(cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
+    rng = random.Random(seed)
+    normal = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids]
+    answer, junk = [], []
+    for p in [r.prompt for r in stage_data.load(cfg, "prompts", "test")][:n_prompts]:
+        prompt_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        noise = [rng.choice(normal) for _ in range(limits.max_response_tokens)]
+        batch = collate_encoded([encode_pair(tokenizer, p, format_response(parse_prompt(p).answer), limits), (prompt_ids + noise, [])],
+                                tokenizer.pad_token_id)
+        a, j = reward.score(batch.input_ids, batch.attention_mask).tolist()
+        answer.append(a)
+        junk.append(j)
+    return {"answer_mean": sum(answer) / len(answer), "junk_mean": sum(junk) / len(junk),
+            "junk_beats_answer": sum(j > a for a, j in zip(answer, junk)) / len(answer), "prompts": len(answer)}
+
+
 def agreements(scores: list[float], pairs: list[tuple[int, int]]) -> float:
     """How many of the ordered (better, worse) pairs `scores` orders the same way, ties 1/2."""
     return float(paired_outcomes([scores[w] for w, _ in pairs], [scores[l] for _, l in pairs]).sum())
@@ -153,6 +181,45 @@ def rm_against_labelers(cfg: Config, n_prompts: int = 2000, seed: int = 1) -> di
     return out
 
 
+def rm_packing(cfg: Config, n_batches: int = 40, seed: int = 0) -> dict:
+    """RM training step (forward, ranking loss, backward) on the same training batches, two layouts.
+
+    packed: the stage's own, one row per prompt (`rlhf.collate.collate_rankings`);
+    per_completion: the plain one, a padded row of prompt + completion per completion.
+    Tokens count padding (what the model computes on). Alternating the two keeps machine noise out of the ratio.
+    """
+    final = StageDir(cfg.output_dir, "rm").final
+    tokenizer, model = load_tokenizer(final), ScalarModel.from_pretrained(final).train()
+    train = rm.rankings(cfg, tokenizer, "train")
+    batches = [random.Random(seed + i).sample(train, cfg.rm.batch_size) for i in range(n_batches)]
+    pad = tokenizer.pad_token_id
+
+    def packed(groups):
+        b = collate_rankings(groups, pad)
+        return rm.rm_scores(model, b), b.ranks, b.group_ids, b.input_ids.numel()
+
+    def per_completion(groups):
+        b = collate_encoded([(g.prompt + r, []) for g in groups for r in g.responses], pad)
+        ranks = torch.tensor([k for g in groups for k in g.ranks])
+        group_ids = torch.tensor([i for i, g in enumerate(groups) for _ in g.responses])
+        return model.score(b.input_ids, b.attention_mask), ranks, group_ids, b.input_ids.numel()
+
+    layouts = {"packed": packed, "per_completion": per_completion}
+    seconds, tokens = dict.fromkeys(layouts, 0.0), dict.fromkeys(layouts, 0)
+    for groups in batches:
+        for name, layout in layouts.items():
+            start = time.perf_counter()
+            scores, ranks, group_ids, n_tokens = layout(groups)
+            rm_ranking_loss(scores, ranks, group_ids)[0].backward()
+            seconds[name] += time.perf_counter() - start
+            tokens[name] += n_tokens
+            model.zero_grad()
+    out = {name: {"s_per_step": seconds[name] / n_batches, "tokens_per_step": tokens[name] / n_batches}
+           for name in layouts}
+    out["speedup"] = seconds["per_completion"] / seconds["packed"]
+    return out
+
+
 def noise_ceiling(cfg: Config) -> float:
     """Accuracy of the gold labeler itself on the noisy held-out pairs (gold ties count 1/2)."""
     right = total = 0.0
@@ -198,6 +265,8 @@ def synthetic_run(cfg: Config) -> dict:
                  "noise_ceiling_empirical": noise_ceiling(cfg),
                  "acc_vs_gold_on_sft_samples": rm_on_sft_samples(cfg),
                  "against_labelers": rm_against_labelers(cfg),
+                 "packing": rm_packing(cfg),
+                 "junk_without_eos": rm_on_junk_without_eos(cfg),
                  "labeler_agreement": cfg.data.synthetic.labeler_agreement,
                  "reward_bias": results["rm"]["reward_bias"]}
     return out

@@ -4,6 +4,12 @@ Prompt and response are tokenized separately and concatenated, so the prompt ids
 a model is trained on are exactly the ids a generator is later given. Every
 response ends with EOS: SFT teaches the model to stop, and the RM always reads
 its score at a comparable last token.
+
+A K-way ranking is one row: the prompt once, then its K completions, each
+attending to the prompt and to itself only, with positions restarting after
+the prompt. Every completion's score is what a forward pass of prompt +
+completion alone gives, but the prompt is computed once instead of K times and
+no completion is padded to the longest (bench/stages.py: rm_packing).
 """
 from __future__ import annotations
 
@@ -26,11 +32,38 @@ class LMBatch(TensorBatch):
 
 @dataclasses.dataclass
 class RankingBatch(TensorBatch):
-    """Every completion of every prompt, flattened; rows of one prompt share a group id."""
+    """One packed row per prompt ([G, T] fields) and one entry per completion ([N] fields).
+
+    segment_ids: 0 for the prompt, i for the i-th completion, -1 for padding.
+    score_index: where each completion's last token sits in the flattened [G * T] row-major grid.
+    Rows of one prompt share a group id. Not for `select`/`split`: the fields have two row counts.
+    """
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    segment_ids: torch.Tensor
+    score_index: torch.Tensor
     ranks: torch.Tensor
     group_ids: torch.Tensor
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """[G, 1, T, T] bool: causal, within the prompt and the token's own completion."""
+        return segment_attention_mask(self.segment_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.segment_ids >= 0).sum())
+
+
+@dataclasses.dataclass
+class EncodedRanking:
+    """One prompt's token ids and its K completions' (each ending in EOS unless truncated), with ranks."""
+    prompt: list[int]
+    responses: list[list[int]]
+    ranks: list[int]
+
+    def __len__(self) -> int:
+        return len(self.responses)
 
 
 @dataclasses.dataclass
@@ -53,8 +86,12 @@ def encode_pair(tokenizer, prompt: str, response: str, limits: TokenLimits
     p = _ids(tokenizer, prompt)
     if len(p) > limits.max_prompt_tokens:
         return None
-    r = (_ids(tokenizer, response) + [tokenizer.eos_token_id])[: limits.max_response_tokens]
+    r = _response_ids(tokenizer, response, limits)
     return p + r, [0] * len(p) + [1] * len(r)
+
+
+def _response_ids(tokenizer, response: str, limits: TokenLimits) -> list[int]:
+    return (_ids(tokenizer, response) + [tokenizer.eos_token_id])[: limits.max_response_tokens]
 
 
 def pad_right(seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int
@@ -84,28 +121,50 @@ def collate_encoded(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int)
 
 
 def encode_comparisons(tokenizer, comps: Sequence[Comparison], limits: TokenLimits
-                       ) -> tuple[list[list[tuple[list[int], int]]], int]:
-    """Per prompt, its K encoded completions with their ranks; and the count filtered."""
+                       ) -> tuple[list[EncodedRanking], int]:
+    """Each ranking encoded (as `encode_pair` would each completion), and the count filtered."""
     out, filtered = [], 0
     for c in comps:
-        rows = [encode_pair(tokenizer, c.prompt, r, limits) for r in c.responses]
-        if any(r is None for r in rows):
+        p = _ids(tokenizer, c.prompt)
+        if len(p) > limits.max_prompt_tokens:
             filtered += 1
             continue
-        out.append([(ids, rank) for (ids, _), rank in zip(rows, c.ranks)])
+        out.append(EncodedRanking(p, [_response_ids(tokenizer, r, limits) for r in c.responses], list(c.ranks)))
     return out, filtered
 
 
-def collate_rankings(groups: Sequence[Sequence[tuple[list[int], int]]], pad_id: int) -> RankingBatch:
-    """One row per completion (K forward passes per prompt, not 2*C(K,2))."""
-    seqs, ranks, group_ids = [], [], []
+def segment_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[G, 1, T, T] bool from [G, T] segment ids (see `RankingBatch`).
+
+    A query attends to earlier keys of the prompt (segment 0) and of its own
+    segment. Padding attends to itself only, so no row of the softmax is empty.
+    """
+    t = segment_ids.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
+    query, key = segment_ids[:, :, None], segment_ids[:, None, :]
+    same = ((key == 0) | (key == query)) & (key >= 0) & (query >= 0)
+    return ((causal & same) | torch.eye(t, dtype=torch.bool, device=segment_ids.device))[:, None]
+
+
+def collate_rankings(groups: Sequence[EncodedRanking], pad_id: int) -> RankingBatch:
+    """One packed row per prompt: K completions scored, all C(K, 2) pairs from them."""
+    rows, segments, positions, score_index, ranks, group_ids = [], [], [], [], [], []
+    width = max(len(g.prompt) + sum(map(len, g.responses)) for g in groups)
     for g, group in enumerate(groups):
-        for ids, rank in group:
-            seqs.append(ids)
+        row, seg, pos = list(group.prompt), [0] * len(group.prompt), list(range(len(group.prompt)))
+        for i, (response, rank) in enumerate(zip(group.responses, group.ranks), start=1):
+            row += response
+            seg += [i] * len(response)
+            pos += range(len(group.prompt), len(group.prompt) + len(response))
+            score_index.append(g * width + len(row) - 1)
             ranks.append(rank)
             group_ids.append(g)
-    ids, attn, _ = pad_right(seqs, [[1] * len(s) for s in seqs], pad_id)
-    return RankingBatch(ids, attn, torch.tensor(ranks), torch.tensor(group_ids))
+        pad = width - len(row)
+        rows.append(row + [pad_id] * pad)
+        segments.append(seg + [-1] * pad)
+        positions.append(pos + [0] * pad)
+    return RankingBatch(torch.tensor(rows), torch.tensor(positions), torch.tensor(segments),
+                        torch.tensor(score_index), torch.tensor(ranks), torch.tensor(group_ids))
 
 
 def pack_text(tokenizer, texts: Sequence[str], seq_len: int) -> torch.Tensor:

@@ -141,6 +141,11 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(-1)
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool attention mask as the float one every attention kernel adds (eager adds a bool as 0/1)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def _scalar_head(model: PreTrainedModel) -> nn.Linear:
     """The num_labels=1 projection of an HF sequence classifier (named `score` in decoder LMs)."""
     head = getattr(model, "score", None)
@@ -188,18 +193,25 @@ class ScalarModel(nn.Module):
     def reward_bias(self, value: float) -> None:
         self.model.config.reward_bias = float(value)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Same as `values`; `forward` so DDP-style wrappers see the call."""
-        backbone = self.model.base_model
-        hidden = backbone(
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Same as `values`; `forward` so DDP-style wrappers see the call.
+
+        A [B, 1, T, T] bool `attention_mask` (packed sequences, `rlhf.collate.RankingBatch`)
+        needs its `position_ids`; no slot is zeroed then, the caller picks the ones it reads.
+        """
+        packed = attention_mask.dim() == 4
+        if packed and position_ids is None:
+            raise ValueError("a 4-D attention mask needs position_ids")
+        hidden = self.model.base_model(
             input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
+            attention_mask=additive_mask(attention_mask, self.model.dtype) if packed else attention_mask,
+            position_ids=position_ids_from_mask(attention_mask) if position_ids is None else position_ids,
             use_cache=False,
         ).last_hidden_state
         # float32 out: losses and GAE on half-precision values lose too much.
         values = self.head(hidden).squeeze(-1).float() + self.reward_bias
-        return values.masked_fill(attention_mask == 0, 0.0)
+        return values if packed else values.masked_fill(attention_mask == 0, 0.0)
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Per-token scalars [B, T] (the critic's V); 0 at padding."""

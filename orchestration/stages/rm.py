@@ -2,8 +2,10 @@
 
 Initialised from the SFT model (or `model.reward`) with its unembedding
 replaced by a scalar head. A batch is `rm.batch_size` prompts, each with all
-its K completions: one forward pass per completion, all C(K, 2) pairs of a
-prompt scored from them (`rlhf.losses.rm_ranking_loss`). One epoch, cosine to
+its K completions: one score per completion, all C(K, 2) pairs of a prompt
+scored from them (`rlhf.losses.rm_ranking_loss`). A prompt and its K
+completions are one packed row (`rlhf.collate.collate_rankings`): the same
+scores as K forward passes, with the prompt computed once. One epoch, cosine to
 10%. Validation: pairwise accuracy on held-out rankings (the labelers' noisy
 ones and, for the synthetic task, the gold labeler's noiseless ones). Last,
 the bias that makes held-out labeler demonstrations score 0 on average.
@@ -22,7 +24,7 @@ from rlhf.collate import RankingBatch, TokenLimits, collate_encoded, collate_ran
     encode_demonstrations
 from rlhf.config import Config
 from rlhf.losses import rm_bias, rm_ranking_loss
-from rlhf.models import ScalarModel, last_token_index, load_tokenizer
+from rlhf.models import ScalarModel, load_tokenizer
 from rlhf.schedules import cosine_to_fraction, lambda_lr
 from rlhf.train_state import make_optimizer
 from rlhf.tiny import set_residual_dropout
@@ -44,9 +46,7 @@ def init_path(cfg: Config) -> str:
 
 def rm_scores(model, batch: RankingBatch) -> torch.Tensor:
     """One score per completion, read at its last token (works through DDP, which wraps forward)."""
-    values = model(batch.input_ids, batch.attention_mask)
-    rows = torch.arange(values.shape[0], device=values.device)
-    return values[rows, last_token_index(batch.attention_mask)]
+    return model(batch.input_ids, batch.attention_mask, batch.position_ids).flatten()[batch.score_index]
 
 
 @torch.no_grad()
@@ -110,7 +110,7 @@ def train_loop(ctx: harness.WorkerContext, init: str) -> dict:
             loss, stats = rm_ranking_loss(rm_scores(model, batch), batch.ranks, batch.group_ids)
             prompts_all, loss_all, correct_all, pairs_all, tok_all = ctx.all_sum(
                 [len(mine), loss.item() * len(mine), stats["accuracy"] * stats["n_pairs"], stats["n_pairs"],
-                 float(batch.attention_mask.sum())])
+                 batch.num_tokens])
             (loss * harness.global_share(len(mine), prompts_all, ctx.world)).backward()
             lr = scheduler.get_last_lr()[0]
             grad_norm = harness.optimizer_step(model, optimizer, scheduler, cfg.optimizer.max_grad_norm)

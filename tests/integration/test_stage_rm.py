@@ -22,8 +22,10 @@ def _score_alone(model: ScalarModel, tok, prompt: str, response: str) -> float:
     return float(model.score(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0])
 
 
-def test_mixed_k_batch_scores_every_pair_of_each_prompt(tiny_lm, tiny_tokenizer):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # eager adds the mask, sdpa may take it as bool
+def test_mixed_k_batch_scores_every_pair_of_each_prompt(tiny_lm, tiny_tokenizer, attention):
     model = ScalarModel.from_causal_lm(tiny_lm, seed=1).eval()
+    model.model.set_attn_implementation(attention)
     comps = [Comparison("Instruction: copy the words\nInput: red fox\nResponse:", (" red fox", " fox"), (0, 1)),
              Comparison("Instruction: add the numbers\nInput: 3 + 4\nResponse:",
                         (" 7", " 8", " 12", " 1 2 3 4 5", " 6"), (0, 2, 4, 3, 1)),
@@ -33,10 +35,13 @@ def test_mixed_k_batch_scores_every_pair_of_each_prompt(tiny_lm, tiny_tokenizer)
     groups, dropped = encode_comparisons(tiny_tokenizer, comps, LIMITS)
     assert dropped == 0 and [len(g) for g in groups] == [2, 5, 9]
     batch = collate_rankings(groups, tiny_tokenizer.pad_token_id)
-    assert batch.input_ids.shape[0] == 16  # one row (one forward pass) per completion
+    assert batch.input_ids.shape[0] == 3 and len(batch.score_index) == 16  # one packed row per prompt
     with torch.no_grad():
-        loss, stats = rm_ranking_loss(rm.rm_scores(model, batch), batch.ranks, batch.group_ids)
+        scores = rm.rm_scores(model, batch)
+        loss, stats = rm_ranking_loss(scores, batch.ranks, batch.group_ids)
         alone = [[_score_alone(model, tiny_tokenizer, c.prompt, r) for r in c.responses] for c in comps]
+    # packing changes nothing: each completion scores what its own unpadded forward pass gives
+    assert scores.tolist() == pytest.approx([s for row in alone for s in row], abs=1e-5)
     per_prompt = []
     for c, s in zip(comps, alone):
         pairs = [(w, l) for w, l in itertools.permutations(range(c.k), 2) if c.ranks[w] < c.ranks[l]]

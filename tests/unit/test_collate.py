@@ -1,0 +1,33 @@
+"""Packed K-way rankings: the attention pattern and where each completion's score is read."""
+import torch
+
+from rlhf.collate import EncodedRanking, collate_rankings, segment_attention_mask
+
+
+def _allowed(seg: list[int], q: int, k: int) -> bool:
+    """Reference, one pair at a time: may token q see token k?"""
+    if q == k:
+        return True
+    return k < q and seg[q] >= 0 and seg[k] >= 0 and seg[k] in (0, seg[q])
+
+
+def test_segment_mask_matches_pairwise_rule():
+    segs = [[0, 0, 1, 1, 2, 3, 3, 3, -1, -1], [0, 1, 1, 1, 1, 2, 2, 2, 2, 2]]
+    mask = segment_attention_mask(torch.tensor(segs))
+    assert mask.shape == (2, 1, 10, 10)
+    for b, seg in enumerate(segs):
+        want = [[_allowed(seg, q, k) for k in range(10)] for q in range(10)]
+        assert mask[b, 0].tolist() == want
+
+
+def test_collate_packs_prompt_once_and_indexes_last_tokens():
+    groups = [EncodedRanking([5, 6, 7], [[10, 2], [11], [12, 13, 2]], [1, 2, 0]),
+              EncodedRanking([8], [[20, 2], [21, 22, 2]], [0, 1])]
+    b = collate_rankings(groups, pad_id=0)
+    assert b.input_ids.tolist() == [[5, 6, 7, 10, 2, 11, 12, 13, 2], [8, 20, 2, 21, 22, 2, 0, 0, 0]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 3, 4, 5], [0, 1, 2, 1, 2, 3, 0, 0, 0]]
+    assert b.segment_ids.tolist() == [[0, 0, 0, 1, 1, 2, 3, 3, 3], [0, 1, 1, 2, 2, 2, -1, -1, -1]]
+    flat = b.input_ids.flatten()[b.score_index].tolist()
+    assert flat == [2, 11, 2, 2, 2] and b.score_index.tolist() == [4, 5, 8, 9 + 2, 9 + 5]
+    assert b.ranks.tolist() == [1, 2, 0, 0, 1] and b.group_ids.tolist() == [0, 0, 0, 1, 1]
+    assert b.num_tokens == 9 + 6
