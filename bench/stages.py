@@ -117,10 +117,9 @@ def rm_on_junk_without_eos(cfg: Config, n_prompts: int = 200, seed: int = 0) -> 
     normal = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids]
     answer, junk = [], []
     for p in [r.prompt for r in stage_data.load(cfg, "prompts", "test")][:n_prompts]:
-        prompt_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        ids, mask = encode_pair(tokenizer, p, format_response(parse_prompt(p).answer), limits)
         noise = [rng.choice(normal) for _ in range(limits.max_response_tokens)]
-        batch = collate_encoded([encode_pair(tokenizer, p, format_response(parse_prompt(p).answer), limits), (prompt_ids + noise, [])],
-                                tokenizer.pad_token_id)
+        batch = collate_encoded([(ids, mask), (ids[:mask.index(1)] + noise, [])], tokenizer.pad_token_id)
         a, j = reward.score(batch.input_ids, batch.attention_mask).tolist()
         answer.append(a)
         junk.append(j)
