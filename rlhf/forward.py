@@ -17,15 +17,22 @@ def policy_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   with_entropy: bool = False):
-    """[B, T] log pi(token_t | <t) (0 at t=0); optionally also the entropy at each t."""
+                   with_entropy: bool = False, temperature: float = 1.0):
+    """[B, T] log pi_T(token_t | <t) (0 at t=0); optionally also the entropy at each t.
+
+    pi_T = softmax(logits / temperature). Scoring rollouts (the PPO learner, the
+    reference) uses the sampler's temperature so ratios and KL compare the
+    distribution the tokens were drawn from; evaluation measures the model at 1.
+    float32, or float64 for a float64 model.
+    """
     logits = policy_logits(model, input_ids, attention_mask)[:, :-1]
-    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    out[:, 1:] = logprobs_from_logits(logits, input_ids[:, 1:])
+    lp = logprobs_from_logits(logits, input_ids[:, 1:], temperature)
+    out = torch.zeros(input_ids.shape, dtype=lp.dtype, device=input_ids.device)
+    out[:, 1:] = lp
     if not with_entropy:
         return out
     ent = torch.zeros_like(out)
-    ent[:, 1:] = entropy_from_logits(logits)
+    ent[:, 1:] = entropy_from_logits(logits, temperature)
     return out, ent
 
 

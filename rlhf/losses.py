@@ -87,27 +87,35 @@ def rm_bias(demo_scores: Tensor) -> float:
 # ---------------------------------------------------------------- token stats
 
 
-def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
-    """log p(tokens[b, t]) under logits[b, t]: [B, T] float32 (float64 stays).
+def _tempered(logits: Tensor, temperature: float) -> Tensor:
+    # At T == 1 the logits are used as they are (not divided by 1.0), so default runs
+    # keep their exact numbers.
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits[b, t] / temperature)[tokens[b, t]]: [B, T] float32 (float64 stays).
 
     Gathers the chosen logit and subtracts logsumexp instead of materialising a
     full [B, T, V] log_softmax. Half-precision logits are upcast one row at a
-    time, so at most one [T, V] float32 copy exists.
+    time, so at most one [T, V] float32 copy exists; the temperature divides
+    after the upcast, as the sampler does.
     """
     if logits.dtype in (torch.float32, torch.float64):
-        picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        return picked - torch.logsumexp(logits, dim=-1)
+        x = _tempered(logits, temperature)
+        picked = x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return picked - torch.logsumexp(x, dim=-1)
     rows = []
     for row_logits, row_tokens in zip(logits, tokens):
-        row = row_logits.float()
+        row = _tempered(row_logits.float(), temperature)
         picked = row.gather(-1, row_tokens.unsqueeze(-1)).squeeze(-1)
         rows.append(picked - torch.logsumexp(row, dim=-1))
     return torch.stack(rows)
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of the softmax at each position: [B, T] (computed in float32)."""
-    x = logits if logits.dtype == torch.float64 else logits.float()
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of softmax(logits / temperature) at each position: [B, T] (float32, float64 stays)."""
+    x = _tempered(logits if logits.dtype == torch.float64 else logits.float(), temperature)
     p = torch.softmax(x, dim=-1)
     return torch.logsumexp(x, dim=-1) - (p * x).sum(-1)
 
@@ -165,18 +173,25 @@ def value_loss(
 # ---------------------------------------------------------------- ptx
 
 
+def ptx_targets(loss_mask: Tensor) -> Tensor:
+    """Which next-token predictions the ptx loss averages: [B, T-1] (token t+1 is a target)."""
+    return loss_mask[:, 1:]
+
+
 def ptx_lm_loss(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tensor:
     """Causal LM loss for the pretraining mix; mean over valid targets.
 
     Position t predicts token t+1; `loss_mask[b, t]` marks whether token t of
     `input_ids` is a target, so loss_mask[:, 0] is never used (nothing predicts
-    the first token).
+    the first token). Always at temperature 1: it trains the model itself, not
+    the sampler. Computed in float32 (float64 stays).
     """
     pred = logits[:, :-1, :]
     target = input_ids[:, 1:]
-    target_mask = loss_mask[:, 1:]
+    target_mask = ptx_targets(loss_mask)
+    pred = pred if pred.dtype == torch.float64 else pred.float()
     nll = F.cross_entropy(
-        pred.reshape(-1, pred.shape[-1]).float(), target.reshape(-1), reduction="none"
+        pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none"
     ).view_as(target)
     return masked_mean(nll, target_mask)
 

@@ -25,6 +25,20 @@ def test_logprobs_match_prefix_by_prefix_loop_and_ignore_left_padding():
     torch.testing.assert_close(token_logprobs(model, padded, mask)[:, 3:][:, 1:], lp[:, 1:], atol=1e-5, rtol=0)
 
 
+def test_tempered_logprobs_and_entropy_match_the_prefix_loop_at_that_temperature():
+    tok, model = _setup()
+    ids = torch.tensor([tok("red fox blue bird")["input_ids"]])
+    mask = torch.ones_like(ids)
+    lp, ent = token_logprobs(model, ids, mask, with_entropy=True, temperature=0.7)
+    for t in range(1, ids.shape[1]):
+        logp = (model(input_ids=ids[:, :t]).logits[0, -1] / 0.7).log_softmax(-1)
+        assert torch.isclose(lp[0, t], logp[ids[0, t]], atol=1e-5)
+        assert torch.isclose(ent[0, t], -(logp.exp() * logp).sum(), atol=1e-5)
+    assert lp[0, 0] == 0 and ent[0, 0] == 0
+    # T = 1 is the plain model, computed exactly as without a temperature
+    assert torch.equal(token_logprobs(model, ids, mask, temperature=1.0), token_logprobs(model, ids, mask))
+
+
 def test_values_are_the_head_read_one_position_earlier():
     tok, model = _setup()
     critic = ScalarModel.from_causal_lm(model).eval()

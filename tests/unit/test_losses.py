@@ -131,6 +131,28 @@ def test_logprobs_and_entropy_vs_reference():
     assert torch.allclose(entropy_from_logits(logits).double(), ref_h, atol=1e-5)
 
 
+def test_tempered_logprobs_and_entropy_vs_a_python_loop():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 7, generator=g) * 3
+    tokens = torch.randint(0, 7, (2, 3), generator=g)
+    t = 0.7
+    lp, ent = logprobs_from_logits(logits, tokens, t), entropy_from_logits(logits, t)
+    for b in range(2):
+        for i in range(3):
+            z = [float(x) / t for x in logits[b, i]]
+            norm = math.log(sum(math.exp(x) for x in z))
+            probs = [math.exp(x - norm) for x in z]
+            assert lp[b, i].item() == pytest.approx(z[tokens[b, i]] - norm, abs=1e-5)
+            assert ent[b, i].item() == pytest.approx(-sum(q * math.log(q) for q in probs), abs=1e-5)
+    assert not torch.allclose(lp, logprobs_from_logits(logits, tokens), atol=0.05)  # T really applies
+    # half precision divides after the upcast, as the sampler does
+    torch.testing.assert_close(logprobs_from_logits(logits.bfloat16(), tokens, t),
+                               logprobs_from_logits(logits.bfloat16().float(), tokens, t))
+    # float64 stays float64, so a float64 learner's loss is float64 end to end
+    assert logprobs_from_logits(logits.double(), tokens, t).dtype == torch.float64
+    assert entropy_from_logits(logits.double(), t).dtype == torch.float64
+
+
 # ---------------------------------------------------------------- PPO
 
 
@@ -206,6 +228,8 @@ def test_ptx_loss_vs_cross_entropy_on_unpadded_rows():
         total += ce.item()
         count += n - 1
     assert loss.item() == pytest.approx(total / count, rel=1e-5)
+    loss64 = ptx_lm_loss(logits.double(), ids, mask)
+    assert loss64.dtype == torch.float64 and loss64.item() == pytest.approx(total / count, rel=1e-6)
 
 
 def test_explained_variance():
