@@ -34,13 +34,26 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(x, mask, dim) / count.clamp_min(1)
 
 
-def _count(mask: Tensor) -> int:
+def masked_count(mask: Tensor) -> int:
+    """Number of valid positions."""
     return int(as_bool(mask).sum().item())
+
+
+def global_share(local: float, global_total: float, world: int) -> float:
+    """Factor turning a worker's local mean into its share of the global mean.
+
+    The one normalisation of every token- or example-mean loss trained on several
+    workers (the Ray Train stages and the PPO learners): gradients are averaged over
+    `world` workers, so local_mean * local * world / global_total, averaged, is
+    sum(local sums) / global_total, the mean over the global batch whatever the
+    shards' sizes, and N workers make the update one would. An empty global batch gives 0.
+    """
+    return local * world / global_total if global_total else 0.0
 
 
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = False) -> Tensor:
     """Variance of all valid entries of `x` (a scalar)."""
-    n = _count(mask)
+    n = masked_count(mask)
     if n < (2 if unbiased else 1):
         raise ValueError(f"masked_var needs more valid entries, got {n}")
     mean = masked_mean(x, mask)

@@ -9,7 +9,8 @@ driver returns: `ray.train.report` costs ~1 s a call and is not needed.
 
 Data order is a pure function of (seed, epoch): every worker computes the same
 global batch and takes its own contiguous shard, so a resumed run only has to
-remember where it was. Losses are scaled by `global_share` so that DDP's
+remember where it was. Losses are scaled by `global_share` (rlhf.masked, the
+convention the PPO learners share) so that DDP's
 gradient average equals the gradient of the global-batch mean, whatever the
 shard sizes: N workers follow the same curve as one.
 """
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from rlhf import train_state
 from rlhf.config import Config
+from rlhf.masked import global_share  # noqa: F401  (the stages call harness.global_share)
 from rlhf.models import load_state_file
 from orchestration.rundir import MetricsLogger, StageDir, atomic_write_dir, read_metrics
 
@@ -87,15 +89,6 @@ class WorkerContext:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def global_share(local: float, global_total: float, world: int) -> float:
-    """Factor turning a local mean into this worker's share of the global mean.
-
-    DDP averages gradients over `world` workers, so local_mean * local * world /
-    global_total, averaged, is sum(local sums) / global_total: the global mean.
-    """
-    return local * world / global_total if global_total else 0.0
 
 
 # ---------------------------------------------------------------- data order

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from rlhf.masked import last_valid_index, masked_mean, masked_sum, masked_var, masked_whiten
+from rlhf.masked import (global_share, last_valid_index, masked_count, masked_mean, masked_sum, masked_var,
+                         masked_whiten)
 
 # row 0 right-padded, row 1 left-padded, row 2 full, row 3 a hole in the middle
 MASK = torch.tensor(
@@ -99,3 +100,25 @@ def test_last_valid_index_empty_row_raises():
 def test_var_too_few_raises():
     with pytest.raises(ValueError):
         masked_var(torch.ones(1, 3), torch.tensor([[0, 1, 0]]), unbiased=True)
+
+
+@pytest.mark.parametrize("cuts", [[1, 3], [2], [1, 2, 3]])
+def test_global_share_turns_averaged_local_means_into_the_global_token_mean(cuts):
+    # shards of MASK's rows with different token counts (3, 3, 5, 3); what a mean
+    # all-reduce of the workers' scaled local means gives vs the mean of all valid values
+    x = _x().double()
+    bounds = [0, *cuts, x.shape[0]]
+    parts = [(x[a:b], MASK[a:b]) for a, b in zip(bounds, bounds[1:])]
+    world, total = len(parts), masked_count(MASK)
+    averaged = sum(masked_mean(xi, mi) * global_share(masked_count(mi), total, world)
+                   for xi, mi in parts) / world
+    vals = _valid(x)
+    assert averaged.item() == pytest.approx(sum(vals) / len(vals), rel=1e-12)
+    plain = sum(masked_mean(xi, mi) for xi, mi in parts) / world  # per-worker means, averaged
+    assert abs(plain.item() - sum(vals) / len(vals)) > 1e-3
+
+
+def test_global_share_edge_cases():
+    assert global_share(7, 7, 1) == 1.0  # one worker: exactly the local mean
+    assert global_share(0, 5, 2) == 0.0  # an empty shard adds nothing
+    assert global_share(3, 0, 2) == 0.0  # an empty global batch: no gradient, not a division by 0
