@@ -57,6 +57,13 @@ class RolloutGenerator:
                        action_mask=s.action_mask, sampler_logprobs=s.sampler_logprobs,
                        prompts=list(prompt_texts), weight_version=self._version)
 
+    def sample(self, prompt_ids: list[list[int]], prompt_texts: list[str], max_new_tokens: int,
+               temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None
+               ) -> tuple[Rollout, list[tuple[int, int]]]:
+        """`generate` and its `generation_passes` in one call (one round trip per shard)."""
+        rollout = self.generate(prompt_ids, prompt_texts, max_new_tokens, temperature, top_p, seed)
+        return rollout, self.generation_passes()
+
     def generation_passes(self) -> list[tuple[int, int]]:
         """(rows, KV-cache positions) of each sampling pass of the last `generate` (hf engine)."""
         return list(self._passes)

@@ -60,7 +60,7 @@ def run_ours(cfg, models, prompts: list[str], blocks: torch.Tensor, iterations: 
                        prompts=prompts, ptx_blocks=blocks)
     trainer = PPOTrainer(cfg, StageDir(root, "ppo"), inputs, ptx_coef=cfg.ppo.ptx_coef)
     try:
-        trainer.sync_weights()  # v0 to every generator, as PPOTrainer.run does
+        trainer.team.sync()  # v0 to every generator, as PPOTrainer.run does
         trainer.step(0)  # warm-up: actor start-up, first-touch allocations
         rows = []
         for k in range(1, iterations + 1):

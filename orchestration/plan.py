@@ -1,11 +1,10 @@
 """The resource plan and batch geometry, printed by `--dry-run` before anything starts."""
 from __future__ import annotations
 
-from rlhf.config import Config, actor_groups
+import os
 
-
-def gpus_needed(cfg: Config) -> int:
-    return sum(n * gpus for _, n, _, gpus in actor_groups(cfg))
+from rlhf.config import Config
+from rlhf.placement import actor_specs, gpus_needed
 
 
 def describe_plan(cfg: Config, command: str = "run") -> str:
@@ -29,10 +28,11 @@ def describe_plan(cfg: Config, command: str = "run") -> str:
         f" EMA {p.ema_decay}, T {p.temperature}",
         "",
         f"PPO actor groups (engine {p.engine}):",
-        f"  {'role':<20}{'count':>6}{'cpus':>6}{'gpus':>6}",
+        f"  {'role':<20}{'count':>6}{'cpus':>6}{'gpus':>6}{'threads':>8}",
     ]
-    for role, n, cpus, gpus in actor_groups(cfg):
-        lines.append(f"  {role:<20}{n:>6}{cpus:>6.1f}{gpus:>6}")
+    # The CPU shares the team would request on a cluster of this many CPUs.
+    for s in actor_specs(cfg, cfg.resources.num_cpus or os.cpu_count() or 1):
+        lines.append(f"  {s.title:<20}{s.count:>6}{s.num_cpus:>6.2f}{s.num_gpus:>6g}{s.num_threads:>8}")
     total_gpus = gpus_needed(cfg)
     have = cfg.resources.num_gpus
     lines.append(f"  GPUs needed: {total_gpus}; configured: {have}"

@@ -112,6 +112,20 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def truncate_metrics(path: str | Path, before_step: int) -> int:
+    """Keep only rows with step < before_step (the rest are about to be redone), atomically.
+
+    Returns the rows kept. A crash mid-way leaves the old file whole, never a half-written one.
+    """
+    path = Path(path)
+    rows = [r for r in read_metrics(path) if r["step"] < before_step]
+    if path.exists():
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(path)
+    return len(rows)
+
+
 def write_run_config(cfg: Config) -> Path:
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     path = cfg.output_dir / "config.yaml"

@@ -13,6 +13,17 @@ from typing import Sequence, TypeVar
 import torch
 
 B = TypeVar("B", bound="TensorBatch")
+T = TypeVar("T")
+
+
+def even_bounds(n: int, parts: int) -> list[int]:
+    """Boundaries of `parts` consecutive, nearly equal pieces of n rows (the one split rule)."""
+    return [round(i * n / parts) for i in range(parts + 1)]
+
+
+def split_evenly(items: Sequence[T], parts: int) -> list[list[T]]:
+    bounds = even_bounds(len(items), parts)
+    return [list(items[bounds[i]: bounds[i + 1]]) for i in range(parts)]
 
 
 @dataclasses.dataclass
@@ -46,8 +57,7 @@ class TensorBatch:
 
     def chunk(self: B, parts: int) -> list[B]:
         """`parts` nearly equal consecutive chunks (for sharding over workers)."""
-        n = len(self)
-        bounds = [round(i * n / parts) for i in range(parts + 1)]
+        bounds = even_bounds(len(self), parts)
         return [self.select(slice(bounds[i], bounds[i + 1])) for i in range(parts)]
 
     @classmethod

@@ -1,1 +1,1 @@
-"""Stage 3: the single-controller PPO-ptx loop (DESIGN §3)."""
+"""Stage 3: the single-controller PPO-ptx loop over Ray actor roles (docs/architecture.md)."""

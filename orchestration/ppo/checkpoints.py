@@ -12,7 +12,6 @@ Only folders with COMPLETE are ever loaded; a driver killed mid-write leaves a
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -56,14 +55,6 @@ def remove_half_written(stage: StageDir) -> None:
             if tmp.name.rsplit("-", 1)[-1] != str(os.getpid()):
                 log.warning("removing half-written checkpoint %s", tmp)
                 shutil.rmtree(tmp, ignore_errors=True)
-
-
-def truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop metric rows of iterations a resumed run will redo."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] < iteration]
-        path.write_text("".join(r + "\n" for r in rows))
 
 
 def _pause_for_tests() -> None:

@@ -1,29 +1,11 @@
-"""Surviving lost actors and non-finite steps (issue 6), kept out of the PPO loop itself.
+"""Surviving lost actors and non-finite steps: the mechanism the team's roles share.
 
 A lost actor is one whose process died (`ray.exceptions.RayActorError`: SIGKILL,
-OOM killer, node loss). What a restart gives back depends on the role:
-
-  generator          frozen between syncs: recreated (it loads the initial policy),
-                     re-synced to the CURRENT weight version, then its prompts are
-                     retried with the same seed (so the batch is the one it would
-                     have produced)
-  reward, reference  frozen: recreated from disk, the call retried
-  critic             trained: the group is recreated, loads the last checkpoint's
-                     critic state and replays the critic calls made since then
-                     (`CallLog`), which puts it back at exactly its state before the
-                     fault (bit for bit on CPU; within float noise where GPU kernels
-                     are not deterministic); then the call is retried. The driver
-                     holds those calls' minibatches until the next checkpoint
-                     (checkpoint_every iterations of experience).
-  learner            the policy group: the run rewinds to the last checkpoint
-                     (`PPOTrainer._rewind`), since its weights, Adam moments and EMA
-                     exist nowhere else; the critic goes back to that checkpoint too
-
-Every rank of a group is replaced, never one: a gloo/NCCL group with a dead rank
-is broken for the survivors. `ppo.max_restarts` bounds restarts between two points
-of progress (a newly completed iteration), so a role that keeps dying stops the
-run instead of looping. Restart counts (`<role>_restarts` in the metrics) are
-cumulative over the driver process.
+OOM killer, node loss); `gather` turns that into `ActorLost` naming the role and
+index. `FaultHandler` restarts a lost role through its restarter and retries the
+work, counting restarts against `ppo.max_restarts` between two points of progress;
+what each role's restart restores is described in orchestration/ppo/team.py.
+Restart counts (`<role>_restarts` in the metrics) are cumulative over the driver.
 """
 from __future__ import annotations
 

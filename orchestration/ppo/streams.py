@@ -11,6 +11,8 @@ from typing import Generic, Sequence, TypeVar
 
 import torch
 
+from rlhf.seeds import derive_seed
+
 T = TypeVar("T")
 
 
@@ -24,7 +26,7 @@ class Stream(Generic[T]):
 
     def _permutation(self) -> list[int]:
         order = list(range(len(self.items)))
-        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        random.Random(derive_seed(self.seed, self.epoch)).shuffle(order)
         return order
 
     def take(self, n: int) -> list[T]:

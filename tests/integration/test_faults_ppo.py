@@ -102,15 +102,12 @@ class Killer(threading.Thread):
         self._asking: dict[str, ray.ObjectRef] = {}
 
     def _actor(self, role: str, index: int):
-        team = self.trainer.team
-        return {"generator": lambda: team.generators[index], "reward": lambda: team.reward,
-                "reference": lambda: team.reference, "critic": lambda: team.critics.workers[index],
-                "learner": lambda: team.learners.workers[index]}[role]()
+        return self.trainer.team.handles(role)[index]
 
     def _refresh_pids(self) -> None:
         team = self.trainer.team
-        for actor in [*team.generators, team.reward, team.reference, *team.learners.workers,
-                      *team.critics.workers]:
+        for actor in [a for role in ("generator", "reward", "reference", "learner", "critic")
+                      for a in team.handles(role)]:
             key = actor._actor_id.hex()
             if key not in self._pids and key not in self._asking:
                 self._asking[key] = _ask_pid(actor)
@@ -160,7 +157,7 @@ def chaos(make_run):
     finally:
         killer.stop.set()
         trainer.shutdown()
-    return {"rows": read_metrics(stage.metrics_file), "events": trainer.faults.events,
+    return {"rows": read_metrics(stage.metrics_file), "events": trainer.team.faults.events,
             "killed": killer.killed, "final": final}
 
 

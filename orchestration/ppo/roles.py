@@ -1,0 +1,200 @@
+"""Typed proxies, one per PPO actor role: the only code that calls the role's actors.
+
+Each proxy shards a call across its actors, retries it through the run's
+`FaultHandler` after a lost actor was restarted in place, and keeps what a restart
+needs (the critic's call log). A call returns a `Call`; `.result()` is its value,
+so several roles can work at once:
+
+    values = team.critics.values(rollout)     # in flight ...
+    old = team.learners.logprobs(rollout)     # ... together
+    exp = build_experience(..., old.result(), values.result(), ...)
+
+A lost policy-learner rank is not restarted here (its weights and Adam moments
+exist nowhere else): `ActorLost` reaches the team, which rewinds the run.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import ray
+
+from actors import WorkerGroup
+from orchestration.ppo.faults import CallLog, FaultHandler, Pending, gather
+from rlhf.batch import split_evenly
+from rlhf.collate import LMBatch
+from rlhf.experience import Experience, Rollout
+
+
+class Call:
+    """Work in flight on one role; `result()` waits (retrying after a restart) and finishes it."""
+
+    def __init__(self, pending: Pending, finish: Callable[[list], Any] = lambda values: values):
+        self._pending, self._finish = pending, finish
+
+    def result(self) -> Any:
+        return self._finish(self._pending.get())
+
+
+def _sharded_forward(group: WorkerGroup, method: str, rollout: Rollout) -> list[ray.ObjectRef]:
+    shards = rollout.chunk(len(group))
+    return group.call_sharded(method, [s.input_ids for s in shards], [s.attention_mask for s in shards])
+
+
+class Generators:
+    """The rollout generators: each samples an even share of the prompts with seed + its index."""
+    role = "generator"
+
+    def __init__(self, faults: FaultHandler, make: Callable[[int], Any], count: int, tokenizer,
+                 max_new_tokens: int, temperature: float, top_p: float):
+        self.faults, self.make, self.tok = faults, make, tokenizer
+        self.sampling = (max_new_tokens, temperature, top_p)
+        self.actors = [make(i) for i in range(count)]
+        self.passes: list[tuple[int, int]] = []  # (rows, KV positions) of the last call's passes
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def sample(self, prompts: list[str], seed: int) -> Rollout:
+        """A lost generator is restarted, re-synced and its shard retried with the same seed,
+        so the batch is the one it would have produced."""
+        ids = [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        shards = split_evenly(list(zip(ids, prompts)), len(self.actors))
+
+        def submit(i: int) -> list[ray.ObjectRef]:
+            ids_i, texts_i = [s[0] for s in shards[i]], [s[1] for s in shards[i]]
+            return [self.actors[i].sample.remote(ids_i, texts_i, *self.sampling, seed + i)]
+        calls = [self.faults.submit(self.role, partial(submit, i), [i]) for i, s in enumerate(shards) if s]
+        parts = [call.get()[0] for call in calls]
+        self.passes = [p for _, passes in parts for p in passes]
+        return Rollout.concat([rollout for rollout, _ in parts])
+
+    def restart(self, i: int) -> None:
+        """A fresh generator i (the initial policy); the team syncs it before it samples."""
+        ray.kill(self.actors[i], no_restart=True)
+        self.actors[i] = self.make(i)
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+
+
+class Scorer:
+    """A frozen single-actor role (reward model, reference policy): restarted from disk."""
+
+    def __init__(self, role: str, method: str, faults: FaultHandler, make: Callable[[], Any]):
+        self.role, self.method, self.faults, self.make = role, method, faults, make
+        self.actor = make()
+
+    def __call__(self, rollout: Rollout) -> Call:
+        ids, mask = rollout.input_ids, rollout.attention_mask
+        return Call(self.faults.submit(self.role, lambda: [getattr(self.actor, self.method).remote(ids, mask)]),
+                    lambda values: values[0])
+
+    def restart(self, _: int = 0) -> None:
+        ray.kill(self.actor, no_restart=True)
+        self.actor = self.make()
+
+    def shutdown(self) -> None:
+        ray.kill(self.actor)
+
+
+class _Group:
+    """A trained role: a WorkerGroup whose ranks each take an even shard of a minibatch."""
+    role = ""
+
+    def __init__(self, faults: FaultHandler, make: Callable[[], WorkerGroup]):
+        self.faults, self.make = faults, make
+        self.group = make()
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    @property
+    def actors(self) -> list:
+        return self.group.workers
+
+    def _submit(self, submit: Callable[[], list[ray.ObjectRef]], finish=lambda values: values) -> Call:
+        return Call(self.faults.submit(self.role, submit), finish)
+
+    def _forward(self, method: str, rollout: Rollout) -> Call:
+        return self._submit(lambda: _sharded_forward(self.group, method, rollout), _cat)
+
+    def state(self) -> dict:
+        """Rank 0's full training state (all ranks hold the same)."""
+        return self._submit(lambda: [self.group.call_rank0("state_dict_for_checkpoint")]).result()[0]
+
+    def load(self, state: dict) -> None:
+        gather(self.group.call_all("load_checkpoint_state", state), self.role)
+
+    def fresh(self) -> None:
+        """Every rank replaced: a gloo/NCCL group with a dead rank is broken for the survivors."""
+        self.group.shutdown()
+        self.group = self.make()
+
+    def shutdown(self) -> None:
+        self.group.shutdown()
+
+
+class Learners(_Group):
+    """The policy group: PPO-ptx steps, old logprobs, weights out."""
+    role = "learner"
+
+    def logprobs(self, rollout: Rollout) -> Call:
+        return self._forward("logprobs", rollout)
+
+    def train(self, minibatch: Experience, ptx: LMBatch | None, ptx_coef: float) -> Call:
+        """One joint PPO(+ptx) optimizer step; the result is each rank's stats."""
+        n = len(self.group)
+        ptx_shards = ptx.chunk(n) if ptx is not None else [None] * n
+        return self._submit(lambda: self.group.call_sharded(
+            "train_minibatch", minibatch.chunk(n), ptx_shards, ptx_coef=ptx_coef))
+
+    def end_iteration(self) -> Call:
+        return self._submit(lambda: self.group.call_all("end_iteration"))
+
+    def save_final(self, path: str) -> None:
+        """Rank 0 writes the EMA policy, as the paper evaluates it."""
+        gather([self.group.call_rank0("save_pretrained", path, use_ema=True)], self.role)
+
+
+class Critics(_Group):
+    """The value group. Its state since the last checkpoint is that checkpoint plus the
+    calls made since, so a restart loads the one and replays the other (bit for bit on CPU)."""
+    role = "critic"
+
+    def __init__(self, faults: FaultHandler, make: Callable[[], WorkerGroup]):
+        super().__init__(faults, make)
+        self.calls = CallLog()
+
+    def values(self, rollout: Rollout) -> Call:
+        return self._forward("values", rollout)
+
+    def train(self, minibatch: Experience) -> Call:
+        shards = minibatch.chunk(len(self.group))
+        return self._submit(lambda: self.group.call_sharded("train_minibatch", shards),
+                            partial(self._logged, "train_minibatch", shards))
+
+    def end_iteration(self) -> Call:
+        return self._submit(lambda: self.group.call_all("end_iteration"), partial(self._logged, "end_iteration"))
+
+    def _logged(self, method: str, *shards_and_values: Sequence) -> list:
+        *shards, values = shards_and_values
+        self.calls.record(method, *shards)
+        return values
+
+    def restart(self, state: dict | None) -> None:
+        """A fresh group at `state` (None: the RM's weights), then the calls since replayed."""
+        self.fresh()
+        if state is not None:
+            self.load(state)
+        self.calls.replay(self.group, self.role)
+
+    def checkpointed(self) -> None:
+        """The checkpoint now holds the critic's state: nothing before it needs replaying."""
+        self.calls.clear()
+
+
+def _cat(values: list) -> Any:
+    import torch
+    return torch.cat(values)
