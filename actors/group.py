@@ -7,7 +7,9 @@ rank, with the same or per-rank arguments, returning the futures.
 Worker side, `DistributedWorker` is the mixin the learners inherit: joining the
 group, starting every rank from rank 0's weights, and one optimizer step from
 gradients all-reduced in a few flat buckets (one collective per bucket, not per
-parameter), with a non-finite check and optional clipping.
+parameter), with a non-finite check and optional clipping. Token-mean losses are
+first scaled by each rank's `global_token_shares`, so the averaged gradient is
+that of the mean over the whole minibatch's tokens, as in the Ray Train stages.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch.distributed as dist
 
 from actors.resources import actor_class
 from actors.weight_sync import DEFAULT_CAP_BYTES, pack_into, plan_buckets, unpack_buckets
+from rlhf.masked import global_share
 
 
 class BucketedGrads:
@@ -108,6 +111,21 @@ class DistributedWorker:
         if self.world_size > 1:
             for t in list(self.trained_module().parameters()) + list(self.trained_module().buffers()):
                 dist.broadcast(t.data, src=0)
+
+    def global_token_shares(self, *local_counts: float) -> list[float]:
+        """`global_share` of each of this rank's token counts (one all-reduce for all of them).
+
+        A rank's masked-mean loss times its share, once `synced_step` averages the
+        gradients, gives the gradient of the mean over the minibatch's tokens on all
+        ranks, so splitting a minibatch over more learners leaves the update unchanged
+        when response lengths differ between shards. Every rank must call it. 1.0 (and
+        no collective) at world size 1.
+        """
+        if self.world_size == 1:
+            return [1.0] * len(local_counts)
+        totals = torch.tensor([float(c) for c in local_counts], dtype=torch.float64, device=self.device)
+        dist.all_reduce(totals)  # NCCL wants device tensors; float64 counts stay exact
+        return [global_share(float(c), g, self.world_size) for c, g in zip(local_counts, totals.tolist())]
 
     def synced_step(self, grads: BucketedGrads, optimizer: torch.optim.Optimizer,
                     max_grad_norm: float | None) -> tuple[float, bool]:
