@@ -1,10 +1,13 @@
 """PolicyLearner: one rank of the policy group; PPO-ptx updates as in the paper.
 
-Per minibatch (DESIGN §3): PPO clipped loss backward, then the ptx LM loss x
-gamma backward into the SAME .grad buffers (one joint gradient, not a second
-step), all-reduce over the group in a few flat buckets, non-finite check,
-optional clipping, ONE Adam step, EMA update. Dropout stays off: the PPO ratio
-must be exactly 1 before the first step, and old logprobs are recomputed here.
+Per minibatch: PPO clipped loss backward, then the ptx LM loss x gamma
+backward into the SAME .grad buffers (one joint gradient, not a second step),
+all-reduce over the group in a few flat buckets, non-finite check, optional
+clipping, ONE Adam step, EMA update. Both losses are means over the tokens of
+the whole minibatch (all ranks), so the number of learners does not change the
+update. Dropout stays off and logprobs are taken at the sampler's temperature
+(`ppo.temperature`): the PPO ratio must be exactly 1 before the first step, and
+old logprobs are recomputed here.
 
 Versions: the learner starts at 0 (the weights at `policy_path`, which the
 generators also load) and `end_iteration` bumps it after an iteration's steps.
@@ -28,8 +31,8 @@ from rlhf.config import OptimizerConfig, PPOConfig
 from rlhf.ema import EMA
 from rlhf.experience import Experience
 from rlhf.forward import policy_logits, token_logprobs
-from rlhf.losses import policy_loss, ptx_lm_loss
-from rlhf.masked import masked_mean
+from rlhf.losses import policy_loss, ptx_lm_loss, ptx_targets
+from rlhf.masked import masked_count, masked_mean
 from rlhf.models import load_policy, load_tokenizer
 from rlhf.schedules import lambda_lr, warmup_then_constant
 from rlhf.train_state import make_optimizer, restore, snapshot
@@ -76,9 +79,10 @@ class PolicyLearner(DistributedWorker):
 
     @torch.no_grad()
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, T] float32 log pi(token_t | <t) under the current weights (the old logprobs)."""
-        n = self.forward_batch_size
-        return torch.cat([token_logprobs(self.model, i.to(self.device), m.to(self.device)).cpu()
+        """[B, T] log pi(token_t | <t) under the current weights at the sampler's temperature
+        (the old logprobs); float32 (float64 for a float64 model)."""
+        n, t = self.forward_batch_size, self.ppo.temperature
+        return torch.cat([token_logprobs(self.model, i.to(self.device), m.to(self.device), temperature=t).cpu()
                           for i, m in zip(input_ids.split(n), attention_mask.split(n))])
 
     # ------------------------------------------------------------ training
@@ -97,30 +101,37 @@ class PolicyLearner(DistributedWorker):
                         ptx_coef: float | None = None, version: int | None = None) -> dict[str, float]:
         """One joint PPO(+ptx) optimizer step on this rank's shard; returns this rank's stats.
 
-        ppo_grad_norm / ptx_grad_norm: norms of what the PPO and the ptx backward passes
-        put into this rank's gradient buffers (before the all-reduce); grad_norm: the
+        The gradient is that of the minibatch-wide token means; the reported loss,
+        ptx_loss, entropy, clipfrac, approx_kl and ratio_mean are means over this
+        rank's tokens (the driver averages ranks). ppo_grad_norm / ptx_grad_norm:
+        norms of what the PPO and the ptx backward passes put into this rank's
+        gradient buffers (its share, before the all-reduce); grad_norm: the
         all-reduced gradient the step used (before clipping).
         """
         self._check_version(exp_shard.weight_version, version)
         coef = self.ppo.ptx_coef if ptx_coef is None else float(ptx_coef)
         exp = exp_shard.to(self.device)
+        b = ptx_shard.to(self.device) if ptx_shard is not None and len(ptx_shard) else None
+        ppo_share, ptx_share = self.global_token_shares(
+            masked_count(exp.action_mask), masked_count(ptx_targets(b.loss_mask)) if b is not None else 0)
         self.optimizer.zero_grad(set_to_none=True)
 
-        logp, ent = token_logprobs(self.model, exp.input_ids, exp.attention_mask, with_entropy=True)
+        logp, ent = token_logprobs(self.model, exp.input_ids, exp.attention_mask, with_entropy=True,
+                                   temperature=self.ppo.temperature)
         ent = ent.detach()
         loss, stats = policy_loss(logp, exp.old_logprobs, exp.advantages, exp.action_mask,
                                   clip=self.ppo.clip_ratio)
-        loss.backward()
+        (loss * ppo_share).backward()  # share 1.0 (exact) on one rank
         ppo_sq = self.grads.capture()
 
         ptx_loss = float("nan")
-        if ptx_shard is not None and len(ptx_shard):
-            b = ptx_shard.to(self.device)
+        if b is not None:
             with torch.set_grad_enabled(coef != 0.0):
+                # T = 1: the ptx loss trains the model as a language model, not the sampler.
                 lm = ptx_lm_loss(policy_logits(self.model, b.input_ids, b.attention_mask),
                                  b.input_ids, b.loss_mask)
                 if coef != 0.0:
-                    (coef * lm).backward()  # accumulates onto the PPO gradient in .grad
+                    (coef * lm * ptx_share).backward()  # accumulates onto the PPO gradient in .grad
             ptx_loss = float(lm.detach())
         # Measured from the buffers themselves: whatever ptx added, and nothing else.
         ptx_sq = self.grads.absorb()

@@ -21,9 +21,11 @@ from actors.weight_sync import checksum
 from actors.reward_scorer import RewardScorer
 from rlhf.collate import lm_batch, pack_text
 from rlhf.config import OptimizerConfig, PPOConfig
-from rlhf.experience import Experience
+from rlhf.experience import Experience, Rollout, build_experience
 from rlhf.forward import token_logprobs
+from rlhf.losses import policy_loss
 from rlhf.models import ScalarModel, load_policy
+from rlhf.sampling import sample
 from rlhf.tiny import build_tiny_model, train_tokenizer
 
 TEXTS = ["the red fox runs over the hill", "a blue bird sings at dawn", "one two three four five six"] * 20
@@ -170,6 +172,33 @@ def test_non_finite_gradients_skip_the_step_and_keep_weights(dirs):
     ok = learner.train_minibatch(exp, None)
     assert ok["skipped"] == 0 and learner.checksum() != before
     assert all(torch.isfinite(p).all() for p in learner.model.parameters())
+
+
+def test_learner_and_reference_score_at_the_sampler_temperature(dirs):
+    tok, temp = dirs["tok"], 0.7
+    learner = _local_learner(dirs, temperature=temp)
+    ref = ReferenceScorer(dirs["policy"], num_threads=1, device="cpu", temperature=temp)
+    s = sample(load_policy(dirs["policy"]).eval(), _prompt_ids(tok), 6, tok.eos_token_id, tok.pad_token_id,
+               temperature=temp, generator=torch.Generator().manual_seed(0))
+    rollout = Rollout(s.input_ids, s.attention_mask, s.action_mask, s.sampler_logprobs, PROMPTS, learner.version)
+    act, m = s.action_mask.bool(), s.action_mask.float()
+    old = learner.logprobs(s.input_ids, s.attention_mask)
+    torch.testing.assert_close(old[act], s.sampler_logprobs[act], atol=1e-5, rtol=0)
+    # Scored at T=1 the same tokens are far off: this test fails if the learner ignores T.
+    with torch.no_grad():
+        at_one = token_logprobs(learner.model, s.input_ids, s.attention_mask)
+    assert float((at_one - s.sampler_logprobs)[act].abs().max()) > 0.05
+    _, off = policy_loss(at_one, s.sampler_logprobs, torch.ones_like(m), act)
+    assert off["approx_kl"] > 1e-3 and abs(off["ratio_mean"] - 1) > 1e-3
+
+    # as the driver scores a rollout (orchestration/ppo/trainer.py `score`)
+    exp, stats = build_experience(rollout, old * m, ref.logprobs(s.input_ids, s.attention_mask) * m,
+                                  torch.zeros_like(m), torch.linspace(-1, 1, len(PROMPTS)),
+                                  kl_coef=0.1, gamma=1.0, lam=0.95)
+    assert stats["kl_per_token"] == pytest.approx(0.0, abs=1e-6)  # same weights, same temperature
+    first = learner.train_minibatch(exp, _ptx(tok))
+    assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert first["approx_kl"] == pytest.approx(0.0, abs=1e-6) and first["clipfrac"] == 0.0
 
 
 # ---------------------------------------------------------------- actors
