@@ -1,8 +1,9 @@
 """CriticLearner: one rank of the value-model group (initialised from the RM, as in the paper).
 
 Scores per-token values for GAE and trains with the clipped value loss; same
-group mechanics as the policy (bucketed all-reduce, one Adam step per minibatch,
-non-finite skip) and the same warmup-then-constant LR schedule at `ppo.critic_lr`.
+group mechanics as the policy (the loss a mean over the whole minibatch's tokens,
+bucketed all-reduce, one Adam step per minibatch, non-finite skip) and the same
+warmup-then-constant LR schedule at `ppo.critic_lr`.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from rlhf.config import OptimizerConfig, PPOConfig
 from rlhf.experience import Experience
 from rlhf.forward import token_values
 from rlhf.losses import value_loss
-from rlhf.masked import masked_mean
+from rlhf.masked import masked_count, masked_mean
 from rlhf.models import ScalarModel
 from rlhf.schedules import lambda_lr, warmup_then_constant
 from rlhf.train_state import make_optimizer, restore, snapshot
@@ -57,13 +58,18 @@ class CriticLearner(DistributedWorker):
                           for i, m in zip(input_ids.split(n), attention_mask.split(n))])
 
     def train_minibatch(self, exp_shard: Experience) -> dict[str, float]:
-        """One clipped-value-loss step on this rank's shard; returns this rank's stats."""
+        """One clipped-value-loss step on this rank's shard; returns this rank's stats.
+
+        The gradient is that of the minibatch-wide token mean; value_loss, vf_clipfrac
+        and values_mean are means over this rank's tokens (the driver averages ranks).
+        """
         exp = exp_shard.to(self.device)
+        (share,) = self.global_token_shares(masked_count(exp.action_mask))
         self.optimizer.zero_grad(set_to_none=True)
         v = token_values(self.model, exp.input_ids, exp.attention_mask)
         loss, stats = value_loss(v, exp.old_values, exp.returns, exp.action_mask,
                                  clip=self.ppo.value_clip)
-        loss.backward()
+        (loss * share).backward()  # share 1.0 (exact) on one rank
         self.grads.capture()
         norm, skipped = self.synced_step(self.grads, self.optimizer, self.opt_cfg.max_grad_norm)
         stats.update(
