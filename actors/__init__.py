@@ -1,4 +1,4 @@
-"""Ray actor roles of the PPO stage, one per file (DESIGN §2-§5).
+"""Ray actor roles of the PPO stage, one per file (docs/architecture.md).
 
 Classes here are plain Python; run them as actors with
 `actors.resources.actor_class(cls, num_cpus=..., num_gpus=...)` or, for the

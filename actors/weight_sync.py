@@ -1,4 +1,4 @@
-"""Bucketed weight transport between the policy learner and the generators (DESIGN §4).
+"""Bucketed weight transport between the policy learner and the generators.
 
 Parameters are packed into a handful of flat 1-D buffers, one dtype per buffer,
 each at most `cap_bytes` (a single tensor larger than the cap gets a buffer of

@@ -1,4 +1,4 @@
-"""GPU weight transport: learner rank 0 -> vLLM generators through vLLM's weight transfer (DESIGN §4).
+"""GPU weight transport: learner rank 0 -> vLLM generators through vLLM's weight transfer.
 
 vLLM 0.33's trainer side does the transfer: `WeightTransferTrainerFactory.trainer_init`
 with an `NCCLTrainerInitInfo` (separate GPUs) or `IPCTrainerInitInfo` (colocated),

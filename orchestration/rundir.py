@@ -121,8 +121,11 @@ def truncate_metrics(path: str | Path, before_step: int) -> int:
     rows = [r for r in read_metrics(path) if r["step"] < before_step]
     if path.exists():
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(path)
+        try:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return len(rows)
 
 

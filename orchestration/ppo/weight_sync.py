@@ -1,4 +1,4 @@
-"""Learner -> generators weight broadcast, chosen once per run (DESIGN §4).
+"""Learner -> generators weight broadcast, chosen once per run.
 
 Both transports are bucketed and versioned, and verify that every generator holds
 exactly the learner's weights afterwards (checksums compared).

@@ -33,10 +33,12 @@ from torch import nn
 from tqdm import tqdm
 
 from rlhf import train_state
+from rlhf.batch import split_evenly
 from rlhf.config import Config
 from rlhf.masked import global_share  # noqa: F401  (the stages call harness.global_share)
 from rlhf.models import load_state_file
-from orchestration.rundir import MetricsLogger, StageDir, atomic_write_dir, read_metrics
+from rlhf.seeds import derive_seed
+from orchestration.rundir import MetricsLogger, StageDir, atomic_write_dir, truncate_metrics
 
 DEFAULT_CHECKPOINT_EVERY = 100  # optimizer steps; stages 0-2 have no config field for it yet
 SUMMARY = "summary.json"
@@ -57,8 +59,7 @@ class WorkerContext:
 
     def shard(self, items: Sequence) -> list:
         """This worker's contiguous, nearly equal part of a global batch."""
-        lo, hi = (round(r * len(items) / self.world) for r in (self.rank, self.rank + 1))
-        return list(items[lo:hi])
+        return split_evenly(items, self.world)[self.rank]
 
     def all_sum(self, values: Sequence[float]) -> list[float]:
         if self.world == 1:
@@ -97,7 +98,7 @@ def epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list[
     """The epoch's global batches: a permutation seeded by (seed, epoch), last partial batch dropped."""
     if n_items < batch_size:
         raise ValueError(f"{n_items} examples is less than one batch of {batch_size}")
-    gen = torch.Generator().manual_seed(_seed_of(seed, epoch))
+    gen = torch.Generator().manual_seed(derive_seed(seed, epoch))
     perm = torch.randperm(n_items, generator=gen).tolist()
     return [perm[i:i + batch_size] for i in range(0, n_items - batch_size + 1, batch_size)]
 
@@ -108,14 +109,9 @@ def stream_batch(n_items: int, batch_size: int, seed: int, step: int) -> list[in
     return epoch_batches(n_items, batch_size, seed, step // max(per_epoch, 1))[step % max(per_epoch, 1)]
 
 
-def _seed_of(*parts: object) -> int:
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
-
-
 def seed_worker(seed: int, rank: int) -> None:
     """Distinct dropout streams per worker, reproducible per (seed, rank)."""
-    s = _seed_of(seed, "worker", rank) % 2**31
+    s = derive_seed(seed, "worker", rank) % 2**31
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)
@@ -173,19 +169,9 @@ def restore_latest(ctx: WorkerContext, model: nn.Module, optimizer, scheduler) -
         train_state.set_rng_state(blob["rng"][ctx.rank % len(blob["rng"])])
         state = TrainState(**blob["state"])
     if ctx.is_main:  # rows after the checkpoint (or all, without one) are about to be redone
-        truncate_metrics(ctx.stage.metrics_file, state.step if path is not None else -1)
+        truncate_metrics(ctx.stage.metrics_file, state.step + 1 if path is not None else 0)
     ctx.barrier()
     return state
-
-
-def truncate_metrics(path: Path, last_step: int) -> int:
-    """Drop rows logged after `last_step` (they are about to be redone); returns rows kept."""
-    rows = [r for r in read_metrics(path) if r["step"] <= last_step]
-    if path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(path)
-    return len(rows)
 
 
 def save_hf(ctx: WorkerContext, target: Path, model, tokenizer) -> None:

@@ -1,12 +1,12 @@
 """Pure parts of the stage harness: data order, sharding, loss shares, metric truncation."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from orchestration.rundir import StageDir
-from orchestration.stages.harness import (TrainState, WorkerContext, epoch_batches, global_share,
-                                          stream_batch, truncate_metrics)
+from orchestration.rundir import StageDir, truncate_metrics
+from orchestration.stages.harness import TrainState, WorkerContext, epoch_batches, global_share, stream_batch
 from rlhf.config import Config
 
 
@@ -60,10 +60,25 @@ def test_train_state_counts_steps_and_resets_position_each_epoch():
     assert (s.step, s.epoch, s.batch_in_epoch) == (3, 1, 1)
 
 
-def test_truncate_metrics_keeps_rows_up_to_the_resumed_step(tmp_path):
+def test_truncate_metrics_keeps_rows_before_the_resumed_step(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "loss": 1.0 / (s + 1)} for s in (0, 1, 2, 2, 3, 4)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert truncate_metrics(path, 2) == 4
+    assert truncate_metrics(path, 3) == 4
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2, 2]
     assert truncate_metrics(tmp_path / "absent.jsonl", 5) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary left behind
+
+
+def test_truncate_metrics_failing_mid_way_leaves_the_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    text = "".join(json.dumps({"step": s}) + "\n" for s in range(5))
+    path.write_text(text)
+
+    def disk_full(self, target):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "replace", disk_full)
+    with pytest.raises(OSError):
+        truncate_metrics(path, 2)
+    assert path.read_text() == text
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
