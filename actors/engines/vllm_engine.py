@@ -9,7 +9,7 @@ Logprobs: `logprobs_mode="processed_logprobs"` makes vLLM report the sampled
 token's logprob under the distribution it sampled from (temperature and top-p
 applied), the same quantity the `hf` engine reports; `logprobs=0` returns exactly
 that one token per step. vLLM's numbers still differ slightly from the learner's,
-which is why the learner recomputes old logprobs (DESIGN §8).
+which is why the learner recomputes old logprobs.
 
 Weights: vLLM keeps them in its own fused layout and dtype, so the checksum the
 driver compares (`actors.weight_sync.checksum`, learner names and dtypes) is taken
