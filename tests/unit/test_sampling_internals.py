@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import rlhf.decoding as decoding
 import rlhf.sampling as sampling
 from rlhf.losses import logprobs_from_logits
 from rlhf.models import position_ids_from_mask
@@ -62,7 +63,7 @@ def test_greedy_result_is_the_same_with_and_without_compaction(eos_heavy, monkey
     tok, _, prompts = eos_heavy
     model = _eos_model(tok, 0.3)  # greedy rows of this one end anywhere from step 1 to never
     compacted = _run(model, tok, prompts, top_p=1e-6)
-    monkeypatch.setattr(sampling, "COMPACT_AT", 0.0)  # never drop a row
+    monkeypatch.setattr(decoding, "COMPACT_AT", 0.0)  # never drop a row
     full = _run(model, tok, prompts, top_p=1e-6)
     assert len(set(full.action_mask.sum(1).tolist())) >= 4
     assert torch.equal(compacted.input_ids, full.input_ids)
@@ -72,14 +73,14 @@ def test_greedy_result_is_the_same_with_and_without_compaction(eos_heavy, monkey
 
 def test_draw_matches_the_categorical_and_never_picks_filtered_tokens():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0], [0.0, 0.0, 0.0, 0.0, 0.0]]).repeat(20_000, 1)
-    token, logp = sampling._draw(logits, temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(0))
+    token, logp = decoding._draw(logits, temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(0))
     for row in (0, 1):
         freq = torch.bincount(token[row::2], minlength=5).float() / 20_000
         want = torch.softmax(logits[row], -1)
         assert (freq - want).abs().max() < 0.01, (freq, want)  # ~4 standard errors at n=20k
     torch.testing.assert_close(logp, torch.log_softmax(logits, -1).gather(1, token[:, None]).squeeze(1))
     # temperature and top-p: the draw follows the tempered, truncated distribution
-    token, logp = sampling._draw(logits[:4000], temperature=0.5, top_p=0.9,
+    token, logp = decoding._draw(logits[:4000], temperature=0.5, top_p=0.9,
                                  generator=torch.Generator().manual_seed(1))
     tempered = torch.log_softmax(logits[0] / 0.5, -1)  # p = .865, .117, .016, ...: top-0.9 keeps 2
     kept = torch.tensor([True, True, False, False, False])
