@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 
 from orchestration.rundir import COMPLETE
 from orchestration.serve import protocol as P
-from orchestration.serve.engine import BatchedEngine, HFEngine, Row
+from orchestration.serve.engine import BatchedEngine, Row, ServeEngine
 from rlhf.config import Config, ServeConfig
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class OpenAIServer:
         self.cfg = ServeConfig.model_validate(serve_cfg)
         self.model_name, self.api_key = model_name, api_key
         self.created = int(time.time())
-        self.engine = HFEngine(checkpoint, dtype=dtype)
+        self.engine = ServeEngine(checkpoint, dtype=dtype)
         self.batcher = BatchedEngine(self.engine, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
 
     @api.get("/health")

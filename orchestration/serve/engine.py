@@ -1,9 +1,9 @@
 """The CPU serving engine: HF model, batched KV-cache decoding, stop strings, streaming.
 
-`HFEngine` is plain Python (no Ray): it tokenizes, checks lengths and runs one
-decoding loop over any number of rows, each with its own temperature, top_p,
-max_tokens, stop strings and seed, yielding every row's new text after each
-token. `BatchedEngine` puts Ray Serve's `@serve.batch` in front of it: requests
+`ServeEngine` is plain Python (no Ray): it tokenizes, checks lengths and runs
+one decoding loop (`rlhf.decoding`, the rollouts' core) over any number of
+rows, each with its own temperature (0 = greedy), top_p, max_tokens, stop
+strings and seed, yielding every row's new text after each token. `BatchedEngine` puts Ray Serve's `@serve.batch` in front of it: requests
 that arrive together share one decoding loop, and each request receives its
 rows' text step by step (which is what streaming sends, token by token).
 
@@ -21,11 +21,10 @@ from typing import AsyncIterator, Iterator, Sequence
 
 import torch
 from ray import serve
-from transformers import DynamicCache
 
 from orchestration.serve.protocol import APIError
-from rlhf.models import load_policy, load_tokenizer, position_ids_from_mask
-from rlhf.sampling import left_pad
+from rlhf.decoding import Decoding
+from rlhf.models import load_policy, load_tokenizer
 
 # Used when the tokenizer has no chat template: "role: content" lines, then the
 # assistant's cue. Any checkpoint can be chatted with; a tokenizer's own
@@ -98,7 +97,7 @@ class _RowText:
         return out
 
 
-class HFEngine:
+class ServeEngine:
     """A causal LM from a local HF directory, decoding rows in one batch on the CPU."""
 
     def __init__(self, checkpoint: str | Path, dtype: str = "float32",
@@ -169,64 +168,29 @@ class HFEngine:
     @torch.no_grad()
     def steps(self, rows: Sequence[Row]) -> Iterator[list[Delta | None]]:
         """Decode all rows together; after each token yield one entry per row (None once done)."""
-        ids, mask = left_pad([r.prompt_ids for r in rows], self.pad_id)
-        temps = torch.tensor([r.temperature for r in rows])
-        top_ps = torch.tensor([r.top_p for r in rows])
         gens = [torch.Generator().manual_seed((secrets.randbits(63) if r.seed is None else r.seed)
                                               % 2**64) for r in rows]
+        decoding = Decoding(self.model, [r.prompt_ids for r in rows], [r.max_tokens for r in rows],
+                            self.eos_id, self.pad_id, temperature=[r.temperature for r in rows],
+                            top_p=[r.top_p for r in rows], generators=gens)
         texts = [_RowText(self.tokenizer, r.stop) for r in rows]
-        done = [False] * len(rows)
-        cache = DynamicCache()
-        step_ids, pos, attn = ids, position_ids_from_mask(mask), mask
-        for t in range(max(r.max_tokens for r in rows)):
-            logits = self.model(input_ids=step_ids, attention_mask=attn, position_ids=pos,
-                                past_key_values=cache, use_cache=True).logits[:, -1, :].float()
-            tokens = _pick(logits, temps, top_ps, gens, done, self.pad_id)
-            out: list[Delta | None] = []
-            for i, row in enumerate(rows):
-                if done[i]:
-                    out.append(None)
-                    continue
-                tok, n = int(tokens[i]), t + 1
+        for step in decoding:
+            out: list[Delta | None] = [None] * len(rows)
+            n, stopped = step.index + 1, []
+            for i, tok in zip(step.rows.tolist(), step.tokens.tolist()):
                 if tok == self.eos_id:
-                    done[i] = True
-                    out.append(Delta(texts[i].flush(), "stop", n))
+                    out[i] = Delta(texts[i].flush(), "stop", n)
                     continue
                 text, hit = texts[i].push(tok)
-                if hit or n >= row.max_tokens:
-                    done[i] = True
-                    reason = "stop" if hit else "length"
-                    out.append(Delta(text if hit else text + texts[i].flush(), reason, n))
+                if hit:
+                    stopped.append(i)
+                    out[i] = Delta(text, "stop", n)
+                elif n >= rows[i].max_tokens:
+                    out[i] = Delta(text + texts[i].flush(), "length", n)
                 else:
-                    out.append(Delta(text, None, n))
+                    out[i] = Delta(text, None, n)
+            decoding.finish(stopped)  # EOS and max_tokens end rows in the core itself
             yield out
-            if all(done):
-                return
-            # Finished rows keep stepping (the cache stays rectangular) but are unattended.
-            alive = torch.tensor([not d for d in done], dtype=attn.dtype)
-            attn = torch.cat([attn, alive[:, None]], dim=1)
-            pos = (attn.sum(1, keepdim=True) - 1).clamp(min=0)
-            step_ids = torch.where(alive.bool(), tokens, self.pad_id)[:, None]
-
-
-def _pick(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor,
-          gens: list[torch.Generator], done: list[bool], pad_id: int) -> torch.Tensor:
-    """Next token per row: argmax at temperature 0, else a top-p sample from the row's generator."""
-    probs = torch.softmax(logits / temps.clamp(min=1e-6)[:, None], dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
-    drop = (sorted_p.cumsum(-1) - sorted_p) > top_ps[:, None]
-    drop[:, 0] = False
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
-    tokens = torch.full((logits.shape[0],), pad_id, dtype=torch.long)
-    for i in range(logits.shape[0]):
-        if done[i]:
-            continue
-        if temps[i] == 0:
-            tokens[i] = logits[i].argmax()
-        else:
-            tokens[i] = order[i, torch.multinomial(sorted_p[i], 1, generator=gens[i])[0]]
-    return tokens
 
 
 class BatchedEngine:
@@ -235,7 +199,7 @@ class BatchedEngine:
     Only usable inside a Ray Serve replica (`@serve.batch` needs the replica context).
     """
 
-    def __init__(self, engine: HFEngine, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+    def __init__(self, engine: ServeEngine, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         self.engine = engine
         self._batch.set_max_batch_size(max_batch_size)
         self._batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
