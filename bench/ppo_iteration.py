@@ -68,12 +68,12 @@ def run_ours(cfg, models, prompts: list[str], blocks: torch.Tensor, iterations: 
             total = sum(m[f"seconds_{p}"] for p in PHASES if p != "ptx")
             rows.append(m | {"seconds_total": total, "episodes": cfg.ppo.batch_size,
                              "tokens": round(m["tokens_per_second"] * total)})
-            print(f"  ours {cfg.run.name} iteration {k}: " + ", ".join(
+            print(f"  ours {Path(cfg.source).stem} iteration {k}: " + ", ".join(
                 f"{p} {m[f'seconds_{p}']:.2f}s" for p in PHASES if p != "ptx"))
         trainer.ptx_coef = 0.0  # one more iteration without the ptx term: what ptx costs
         no_ptx = trainer.step(iterations + 1)
         ptx_s = statistics.mean(r["seconds_learn"] for r in rows) - no_ptx["seconds_learn"]
-        return summarise("ours (Ray)", cfg.run.name, rows, ptx_s)
+        return summarise("ours (Ray)", Path(cfg.source).stem, rows, ptx_s)
     finally:
         trainer.shutdown()
         ray.shutdown()
@@ -89,9 +89,9 @@ def run_plain(cfg, models, prompts: list[str], blocks: torch.Tensor, iterations:
     rows = []
     for k in range(1, iterations + 1):
         rows.append(loop.iteration(stream.take(cfg.ppo.batch_size), ptx, k))
-        print(f"  plain {cfg.run.name} iteration {k}: " + ", ".join(
+        print(f"  plain {Path(cfg.source).stem} iteration {k}: " + ", ".join(
             f"{p} {rows[-1].get(f'seconds_{p}', 0):.2f}s" for p in PHASES))
-    return summarise("plain loop", cfg.run.name, rows, statistics.mean(r.get("seconds_ptx", 0.0) for r in rows))
+    return summarise("plain loop", Path(cfg.source).stem, rows, statistics.mean(r.get("seconds_ptx", 0.0) for r in rows))
 
 
 def bench_preset(preset: str, overrides: list[str], iterations: int) -> list[dict]:

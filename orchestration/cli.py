@@ -6,7 +6,7 @@ import importlib
 import logging
 import sys
 
-from rlhf.config import ConfigError, load_config
+from rlhf.config import ConfigError, check_trainable, format_problems, load_config
 
 # name -> (module with run(cfg, resume=...), one-line description). Order = pipeline order.
 STAGES = {
@@ -21,6 +21,8 @@ COMMANDS = {
     **STAGES,
     "serve": ("orchestration.serve.app", "OpenAI-compatible Ray Serve endpoint for a policy"),
 }
+# Commands that train, so refuse what training does not implement (rlhf.config.check_trainable).
+TRAINING_COMMANDS = ("run", "pretrain", "sft", "rm", "ppo")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,10 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    refused = format_problems(cfg, check_trainable(cfg)) if ns.command in TRAINING_COMMANDS else ""
     if ns.dry_run:
         from orchestration.plan import describe_plan
         print(describe_plan(cfg, ns.command))
+        if refused:  # the plan still prints, so a preset can be read before it is made trainable
+            print(f"\n{ns.command} would stop here with a config error:\n"
+                  + "\n".join(f"  {line}" for line in refused.splitlines()))
         return 0
+    if refused:
+        print(f"config error: {refused}", file=sys.stderr)
+        return 2
     module = importlib.import_module(COMMANDS[ns.command][0])
     kwargs = {"target": ns.target} if ns.command == "serve" else {"resume": ns.resume}
     module.main(cfg, **kwargs)

@@ -17,7 +17,7 @@ from typing import Callable
 
 from orchestration.rundir import StageDir, write_run_config
 from orchestration.stages import evaluate, ppo, pretrain, rm, sft
-from rlhf.config import Config
+from rlhf.config import Config, require_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ STEPS: list[Step] = [
 
 def main(cfg: Config, resume: bool = False, steps: list[Step] | None = None) -> dict:
     """Run the steps; returns {step: summary with its wall time} and writes it to `<run>/pipeline.json`."""
+    require_trainable(cfg)  # before anything is written: a refused value must not leave a half-made run
     write_run_config(cfg)
     results: dict[str, dict] = {}
     for step in steps or STEPS:

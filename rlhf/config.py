@@ -4,7 +4,9 @@ Errors are `ConfigError`s whose message is one line per problem naming the file,
 the field and the value, e.g.
 `configs/tiny.yaml: ppo.minibatch_size = 48: ppo.batch_size (512) must be divisible by it`.
 Field checks are pydantic's; geometry checks that involve several fields live in
-`check_geometry` so each names the field a user should change.
+`check_geometry` so each names the field a user should change. Values the schema
+accepts but training does not implement yet are refused by `check_trainable`
+where a training command starts (eval and serve, and `--dry-run`, still load them).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "configs"
@@ -43,7 +45,6 @@ def _absolute_if_local(path: str | None) -> str | None:
 
 
 class RunConfig(_Section):
-    name: str = "tiny"
     output_dir: str = "runs/tiny"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -71,6 +72,7 @@ class ModelConfig(_Section):
     # paper reports SFT init gives results similar to a fine-tuned GPT-3 init).
     reward: str | None = None
     tiny: TinyModelConfig = TinyModelConfig()
+    # Eval and serve load models in this dtype; training refuses anything but float32 (check_trainable).
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     trust_remote_code: bool = False
     context_length: int = Field(2048, ge=16)
@@ -186,7 +188,7 @@ class PPOConfig(_Section):
     num_generators: int = Field(1, ge=1)
     num_learners: int = Field(1, ge=1)
     checkpoint_every: int = Field(10, ge=1)
-    async_rollouts: bool = False
+    async_rollouts: bool = False  # not implemented: true is refused for training (check_trainable)
     max_restarts: int = Field(3, ge=0)
     max_nonfinite_steps: int = Field(3, ge=1)
     # Bound on prompt+response tokens per generation call (out-of-memory guard).
@@ -201,7 +203,7 @@ class ResourcesConfig(_Section):
     num_cpus: float | None = Field(None, gt=0)  # None = what Ray sees
     num_gpus: int = Field(0, ge=0)
     gpus_per_generator: int = Field(1, ge=1)  # tensor parallel size of one vLLM engine
-    colocate: bool = False
+    colocate: bool = False  # not implemented: true is refused for training (check_trainable)
 
 
 class ServeConfig(_Section):
@@ -238,6 +240,8 @@ class Config(_Section):
     eval: EvalConfig = EvalConfig()
     # Where this config was loaded from (for messages); not a user field.
     source: str = Field("<defaults>", exclude=True)
+    # Dotted keys set on the command line, so later checks blame the command line, not the file.
+    _overridden: set[str] = PrivateAttr(default_factory=set)
 
     @property
     def output_dir(self) -> Path:
@@ -338,12 +342,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ValidationError as e:
         raise ConfigError(_format_errors(e, raw, str(file), overridden)) from None
     cfg.source = str(file)
+    cfg._overridden = overridden
     problems = check_geometry(cfg, check_files=check_files)
     if problems:
-        raise ConfigError("\n".join(
-            f"{'command line' if field in overridden else file}: {field} = "
-            f"{_field_value(cfg, field)!r}: {msg}" for field, msg in problems))
+        raise ConfigError(format_problems(cfg, problems))
     return cfg
+
+
+def format_problems(cfg: Config, problems: list[tuple[str, str]]) -> str:
+    """One line per (field, message): `<file or command line>: field = value: message`."""
+    return "\n".join(
+        f"{'command line' if field in cfg._overridden else cfg.source}: {field} = "
+        f"{_field_value(cfg, field)!r}: {msg}" for field, msg in problems)
 
 
 def _field_value(cfg: Config, dotted: str) -> Any:
@@ -395,6 +405,32 @@ def check_geometry(cfg: Config, check_files: bool = True) -> list[tuple[str, str
     if syn.k_min > syn.k_max:
         p.append(("data.synthetic.k_min", f"greater than data.synthetic.k_max ({syn.k_max})"))
     for stage in ("sft", "ppo_init_sft", "rm", "pretrain"):
+def check_trainable(cfg: Config) -> list[tuple[str, str]]:
+    """Values the schema accepts but the training stages do not implement yet.
+
+    Refused where pretrain/sft/rm/ppo/run start rather than at load, so the paper
+    presets' plans still print and eval/serve (which do honour `model.dtype`) still run.
+    """
+    p: list[tuple[str, str]] = []
+    if cfg.resources.colocate:
+        p.append(("resources.colocate", "not implemented: each PPO actor group gets GPUs of its own; "
+                  "set it false and give resources.num_gpus what --dry-run asks for"))
+    if cfg.ppo.async_rollouts:
+        p.append(("ppo.async_rollouts", "not implemented: every iteration samples with the newest "
+                  "weights; set it false"))
+    if cfg.model.dtype != "float32":
+        p.append(("model.dtype", "training runs in float32 (mixed precision is not implemented); "
+                  "set model.dtype=float32 to train, other dtypes apply to eval and serve only"))
+    return p
+
+
+def require_trainable(cfg: Config) -> None:
+    """Raise ConfigError naming each field `check_trainable` refuses."""
+    problems = check_trainable(cfg)
+    if problems:
+        raise ConfigError(format_problems(cfg, problems))
+
+
         sc = getattr(cfg, stage)
         if sc.batch_size % sc.num_workers:
             p.append((f"{stage}.num_workers", f"{stage}.batch_size ({sc.batch_size}) must be divisible by it"))

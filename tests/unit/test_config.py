@@ -1,9 +1,12 @@
 """Config: presets load, overrides apply, and each kind of mistake gives one line naming the field."""
+import re
 from pathlib import Path
 
 import pytest
 
-from rlhf.config import PRESETS_DIR, ConfigError, load_config, parse_override
+from orchestration import cli, pipeline
+from orchestration.cli import TRAINING_COMMANDS
+from rlhf.config import PRESETS_DIR, ConfigError, check_trainable, load_config, parse_override, require_trainable
 
 PRESETS = sorted(PRESETS_DIR.glob("*.yaml"))
 
@@ -66,9 +69,20 @@ def test_tiny_deviations_are_commented():
     assert not uncommented, f"tiny.yaml deviations without a 'deviation:' comment: {uncommented}"
 
 
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_preset_comments_are_one_line_each(preset):
+    """A reason that needs a second line is history: it belongs in docs/experiments.md."""
+    lines = preset.read_text().splitlines()
+    for previous, line in zip([""] + lines, lines):
+        if line.lstrip().startswith("#"):
+            assert "#" not in previous, f"{preset.name}: a comment runs on into {line.strip()!r}"
+    too_long = [i + 1 for i, line in enumerate(lines) if len(line) > 120]
+    assert not too_long, f"{preset.name}: lines over 120 characters: {too_long}"
+
+
 def test_overrides_apply_with_yaml_types():
-    cfg = load_config("tiny", ["ppo.kl_coef=0.05", "ppo.compare_ptx=false", "run.name=x"])
-    assert cfg.ppo.kl_coef == 0.05 and cfg.ppo.compare_ptx is False and cfg.run.name == "x"
+    cfg = load_config("tiny", ["ppo.kl_coef=0.05", "ppo.compare_ptx=false", "run.seed=3"])
+    assert cfg.ppo.kl_coef == 0.05 and cfg.ppo.compare_ptx is False and cfg.run.seed == 3
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
 
 
@@ -138,3 +152,50 @@ def test_relative_paths_become_absolute_against_the_drivers_directory(tmp_path, 
     assert cfg.data.demonstrations == str(tmp_path / "demos.jsonl")
     assert cfg.data.prompts == "hub-user/prompts"  # not a local file: a hub name stays as given
     assert cfg.model.policy == "tiny"
+
+
+@pytest.mark.parametrize("override, field", [("resources.colocate=true", "resources.colocate = True"),
+                                             ("ppo.async_rollouts=true", "ppo.async_rollouts = True"),
+                                             ("model.dtype=bfloat16", "model.dtype = 'bfloat16'")])
+def test_training_refuses_what_it_does_not_implement(tmp_path, override, field):
+    key, value = override.split("=")
+    section, name = key.split(".")
+    f = tmp_path / "c.yaml"
+    f.write_text(f"{section}:\n  {name}: {value}\n")
+    cfg = load_config(f)  # loads: eval, serve and --dry-run still take it
+    assert check_trainable(load_config("tiny")) == []
+    with pytest.raises(ConfigError) as e:
+        require_trainable(cfg)
+    assert str(e.value).count("\n") == 0 and str(e.value).startswith(f"{f}: {field}: ")
+    with pytest.raises(ConfigError, match=rf"^command line: {re.escape(field)}: "):
+        require_trainable(load_config("tiny", [override]))
+
+
+def test_training_commands_refuse_and_dry_run_shows_the_refusal(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"run: {{output_dir: {tmp_path / 'run'}}}\nppo: {{async_rollouts: true}}\n")
+    for command in TRAINING_COMMANDS:
+        assert cli.main([command, str(f)]) == 2
+        err = capsys.readouterr().err
+        assert f"{f}: ppo.async_rollouts = True: not implemented" in err, command
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    assert cli.main(["run", str(f), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "PPO batch geometry" in out and f"  {f}: ppo.async_rollouts = True: not implemented" in out
+    assert cli.main(["eval", str(f), "model.dtype=float16", "--dry-run"]) == 0
+    assert "config error" not in capsys.readouterr().out  # eval does load models in model.dtype
+
+
+def test_the_pipeline_refuses_before_it_writes_anything(tmp_path):
+    cfg = load_config("tiny", [f"run.output_dir={tmp_path / 'run'}", "model.dtype=float16"])
+    with pytest.raises(ConfigError, match=r"^command line: model\.dtype = 'float16': training runs in float32"):
+        pipeline.main(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_each_preset_prints_its_plan_and_is_trainable(preset, capsys):
+    assert cli.main(["run", str(preset), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"config: {preset}" in out and "PPO batch geometry" in out and "config error" not in out
+    assert check_trainable(load_config(preset)) == []
