@@ -85,7 +85,9 @@ class MetricsLogger:
 
     def __init__(self, stage_dir: StageDir, tensorboard: bool = True):
         stage_dir.path.mkdir(parents=True, exist_ok=True)
-        self._file = open(stage_dir.metrics_file, "a", buffering=1)
+        # Opened per record: `truncate_metrics` replaces the file, and a handle held open
+        # would go on writing to the replaced one.
+        self.path = stage_dir.metrics_file
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -93,14 +95,14 @@ class MetricsLogger:
 
     def log(self, step: int, **metrics) -> None:
         record = {"step": step, "time": time.time(), **metrics}
-        self._file.write(json.dumps(record) + "\n")
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
-        self._file.close()
         if self._tb is not None:
             self._tb.close()
 

@@ -30,9 +30,13 @@ class Observer:
         """(iteration, phase) now running: generate, probe, score, learn, sync, checkpoint."""
         return self.team.faults.where
 
+    def at(self, k: int, name: str) -> None:
+        self.team.faults.where = (k, name)  # restart records say where they happened
+
     @contextmanager
     def phase(self, k: int, name: str):
-        self.team.faults.where = (k, name)  # restart records say where they happened
+        """A timed phase of iteration k."""
+        self.at(k, name)
         with self.timer.phase(name):
             yield
         if name == "generate":  # before the probe samples again

@@ -153,9 +153,9 @@ class Learners(_Group):
     def end_iteration(self) -> Call:
         return self._submit(lambda: self.group.call_all("end_iteration"))
 
-    def save_final(self, path: str) -> None:
+    def save_final(self, path) -> None:
         """Rank 0 writes the EMA policy, as the paper evaluates it."""
-        gather([self.group.call_rank0("save_pretrained", path, use_ema=True)], self.role)
+        gather([self.group.call_rank0("save_pretrained", str(path), use_ema=True)], self.role)
 
 
 class Critics(_Group):

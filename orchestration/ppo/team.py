@@ -116,6 +116,10 @@ class ActorTeam:
         self.faults.recover(lost, restart)
         return states
 
+    def completed(self, iteration: int) -> None:
+        """A newly completed iteration is progress: the restart budget is whole again."""
+        self.faults.progress(iteration)
+
     # ---- measurement -------------------------------------------------------------------
     def handles(self, role: str) -> list:
         """The live actor handles of a role (tests use them to kill processes)."""

@@ -138,7 +138,7 @@ class PPOTrainer:
                     self.iteration += 1
                     if self.iteration % self.p.checkpoint_every == 0 or self.iteration == total:
                         self.checkpoint()
-                    self.team.faults.progress(self.iteration)
+                    self.team.completed(self.iteration)
                     bar.set_postfix(reward=f"{m['rm_score_mean']:.3f}", kl=f"{m['kl_per_sequence']:.3f}",
                                     gold=f"{m.get('heldout_gold_score', m.get('gold_score', float('nan'))):.3f}",
                                     refresh=False)
@@ -161,7 +161,7 @@ class PPOTrainer:
 
     # ---- state ----------------------------------------------------------------------
     def checkpoint(self) -> Path:
-        self.team.faults.where = (self.iteration, "checkpoint")
+        self.observer.at(self.iteration, "checkpoint")
         path = checkpoints.save(self.stage, self.iteration,
                                 self.team.checkpoint_states() | {"driver.pt": self._driver_state()})
         self.team.checkpointed()
@@ -193,7 +193,7 @@ class PPOTrainer:
         self.iteration = state["iteration"]
 
     def save_final(self) -> Path:
-        return self.stage.save_final(lambda tmp: self.team.learners.save_final(str(tmp)))
+        return self.stage.save_final(self.team.learners.save_final)
 
     def shutdown(self) -> None:
         self.team.shutdown()

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestration.rundir import StageDir, truncate_metrics
+from orchestration.rundir import MetricsLogger, StageDir, read_metrics, truncate_metrics
 from orchestration.stages.harness import TrainState, WorkerContext, epoch_batches, global_share, stream_batch
 from rlhf.config import Config
 
@@ -82,3 +82,14 @@ def test_truncate_metrics_failing_mid_way_leaves_the_file_whole(tmp_path, monkey
         truncate_metrics(path, 2)
     assert path.read_text() == text
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+def test_a_logger_keeps_writing_to_the_metrics_file_after_it_is_truncated(tmp_path):
+    stage = StageDir(tmp_path, "ppo")
+    logger = MetricsLogger(stage, tensorboard=False)
+    for step in range(3):
+        logger.log(step, loss=1.0)
+    truncate_metrics(stage.metrics_file, 1)  # a rewind to step 1, with the logger still open
+    logger.log(1, loss=0.5)
+    logger.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(stage.metrics_file)] == [(0, 1.0), (1, 0.5)]
