@@ -405,6 +405,21 @@ def check_geometry(cfg: Config, check_files: bool = True) -> list[tuple[str, str
     if syn.k_min > syn.k_max:
         p.append(("data.synthetic.k_min", f"greater than data.synthetic.k_max ({syn.k_max})"))
     for stage in ("sft", "ppo_init_sft", "rm", "pretrain"):
+        sc = getattr(cfg, stage)
+        if sc.batch_size % sc.num_workers:
+            p.append((f"{stage}.num_workers", f"{stage}.batch_size ({sc.batch_size}) must be divisible by it"))
+    if ppo.engine == "vllm" and cfg.run.device == "cpu":
+        p.append(("ppo.engine", "vllm needs GPUs; use engine hf on the CPU"))
+    if cfg.data.source == "files":
+        for field in ("demonstrations", "comparisons", "prompts", "pretrain_text"):
+            value = getattr(cfg.data, field)
+            if value is None:
+                p.append((f"data.{field}", "required when data.source is files"))
+            elif check_files and _looks_local(value) and not Path(value).exists():
+                p.append((f"data.{field}", f"file not found: {value}"))
+    return p
+
+
 def check_trainable(cfg: Config) -> list[tuple[str, str]]:
     """Values the schema accepts but the training stages do not implement yet.
 
@@ -429,21 +444,6 @@ def require_trainable(cfg: Config) -> None:
     problems = check_trainable(cfg)
     if problems:
         raise ConfigError(format_problems(cfg, problems))
-
-
-        sc = getattr(cfg, stage)
-        if sc.batch_size % sc.num_workers:
-            p.append((f"{stage}.num_workers", f"{stage}.batch_size ({sc.batch_size}) must be divisible by it"))
-    if ppo.engine == "vllm" and cfg.run.device == "cpu":
-        p.append(("ppo.engine", "vllm needs GPUs; use engine hf on the CPU"))
-    if cfg.data.source == "files":
-        for field in ("demonstrations", "comparisons", "prompts", "pretrain_text"):
-            value = getattr(cfg.data, field)
-            if value is None:
-                p.append((f"data.{field}", "required when data.source is files"))
-            elif check_files and _looks_local(value) and not Path(value).exists():
-                p.append((f"data.{field}", f"file not found: {value}"))
-    return p
 
 
 def _looks_local(value: str) -> bool:
