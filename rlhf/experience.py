@@ -1,4 +1,4 @@
-"""The typed containers that flow through one PPO iteration (DESIGN §3).
+"""The typed containers that flow through one PPO iteration (docs/architecture.md).
 
 Token alignment, used everywhere: position t of a per-token tensor refers to the
 token at t. `logprobs[:, t]` = log pi(token_t | tokens_<t); `values[:, t]` = V of

@@ -1,4 +1,4 @@
-"""Adapters: real public datasets (../shared/data, see its README) -> canonical records.
+"""Adapters: small copies of real public datasets -> canonical records (docs/data_formats.md).
 
 One function per set. Each takes the file path, returns canonical records,
 and, where it drops items, counts them by reason in the optional `skipped`

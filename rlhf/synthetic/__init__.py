@@ -1,4 +1,4 @@
-"""Deterministic synthetic instruction suite with a programmatic gold labeler (DESIGN §7)."""
+"""Deterministic synthetic instruction suite with a programmatic gold labeler."""
 from rlhf.synthetic.corpus import pretraining_corpus, tokenizer_training_text
 from rlhf.synthetic.labeler import gold_score, noiseless_ranks, rank_responses
 from rlhf.synthetic.suite import SyntheticSuite

@@ -1,4 +1,4 @@
-"""Adapters on the real public files in ../shared/data (counts from its README).
+"""Adapters on real public files in the optional local data folder ../shared/data (skipped without it).
 
 Each check recomputes the expected numbers straight from the raw file with
 plain json/csv/gzip, not through the adapter's code path.
@@ -42,7 +42,7 @@ def test_hh_rlhf(data_dir):
     n_empty = sum(bool(ends_empty.search(r["chosen"]) or ends_empty.search(r["rejected"])) for r in raw)
     skipped = Counter()
     recs = adapters.hh_rlhf(path, skipped=skipped)
-    # README: in 2,307 pairs only the last Assistant turn differs.
+    # In 2,307 of the 2,312 pairs the two transcripts differ only after the last Assistant turn.
     assert skipped["prefix_mismatch"] == 2312 - 2307
     assert skipped["empty_response"] == n_empty
     assert len(recs) == 2312 - 5 - n_empty - skipped["identical_responses"]
