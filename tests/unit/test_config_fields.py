@@ -13,6 +13,9 @@ or built from it (`ServeConfig.model_validate(...)`). Field names alone would no
 `.name`, `.seed` or `.device` are read all over the code from Paths and tensors.
 Fields read inside a `Config` property count when that property is read
 (`cfg.ptx_block_tokens` reads `ppo.ptx_seq_len`).
+The scan errs towards "read" where a section shares its name with a common
+variable (`self.model.dtype` of a torch model looks like `cfg.model.dtype`), and
+towards "unread" for dynamic access it cannot follow.
 
 Reads the scan cannot see go in ALLOWED, each with the file that consumes the field,
 a pattern that must still be in that file, and why.
