@@ -363,22 +363,6 @@ def _field_value(cfg: Config, dotted: str) -> Any:
     return node
 
 
-def actor_groups(cfg: Config) -> list[tuple[str, int, float, int]]:
-    """(role, count, cpus each, gpus each) for the PPO stage's actor groups."""
-    gpu = cfg.resources.num_gpus > 0
-    tp = cfg.resources.gpus_per_generator if gpu else 0
-    one = 1 if gpu else 0
-    # Fixed here rather than in orchestration so `check_geometry` can validate the plan.
-    return [
-        ("rollout generator", cfg.ppo.num_generators, 1.0, tp),
-        ("reward scorer", 1, 1.0, one),
-        ("reference scorer", 1, 1.0, tp),  # the policy's size: same parallelism as a generator
-        ("critic learner", cfg.ppo.num_learners, 1.0, one),
-        ("policy learner", cfg.ppo.num_learners, 1.0, one),
-    ]
-
-
-
 def check_geometry(cfg: Config, check_files: bool = True) -> list[tuple[str, str]]:
     """Checks across fields; each problem names the field to change."""
     p: list[tuple[str, str]] = []
@@ -396,11 +380,12 @@ def check_geometry(cfg: Config, check_files: bool = True) -> list[tuple[str, str
         p.append(("model.context_length", f"exceeds the tiny model's n_positions ({m.tiny.n_positions})"))
     if m.policy == "tiny" and m.tiny.n_embd % m.tiny.n_head:
         p.append(("model.tiny.n_head", f"model.tiny.n_embd ({m.tiny.n_embd}) must be divisible by it"))
-    if cfg.resources.num_gpus and not cfg.resources.colocate:
-        need = sum(n * gpus for _, n, _, gpus in actor_groups(cfg))
+    if cfg.resources.num_gpus:
+        from rlhf.placement import gpus_needed  # placement reads Config: imported late
+        need = gpus_needed(cfg)
         if need > cfg.resources.num_gpus:
             p.append(("resources.num_gpus", f"the PPO actor groups need {need} GPUs "
-                      "(see --dry-run); add GPUs, reduce groups or set resources.colocate"))
+                      "(see --dry-run); add GPUs or reduce the groups"))
     syn = cfg.data.synthetic
     if syn.k_min > syn.k_max:
         p.append(("data.synthetic.k_min", f"greater than data.synthetic.k_max ({syn.k_max})"))
