@@ -11,8 +11,8 @@ old logprobs are recomputed here.
 
 Versions: the learner starts at 0 (the weights at `policy_path`, which the
 generators also load) and `end_iteration` bumps it after an iteration's steps.
-A minibatch sampled with another version is refused (StaleRolloutError) unless
-`ppo.async_rollouts`, which admits older (never newer) versions.
+A minibatch sampled with another version is refused (StaleRolloutError): PPO here
+is on-policy, one version per iteration.
 """
 from __future__ import annotations
 
@@ -91,11 +91,9 @@ class PolicyLearner(DistributedWorker):
         if expected is not None and expected != self.version:
             raise StaleRolloutError(f"driver expects learner version {expected}, "
                                     f"learner {self.rank} is at {self.version}")
-        if sampled == self.version or (self.ppo.async_rollouts and sampled < self.version):
-            return
-        raise StaleRolloutError(f"minibatch sampled with weight version {sampled}, learner "
-                                f"{self.rank} is at {self.version} (async_rollouts="
-                                f"{self.ppo.async_rollouts})")
+        if sampled != self.version:
+            raise StaleRolloutError(f"minibatch sampled with weight version {sampled}, learner "
+                                    f"{self.rank} is at {self.version}")
 
     def train_minibatch(self, exp_shard: Experience, ptx_shard: LMBatch | None = None,
                         ptx_coef: float | None = None, version: int | None = None) -> dict[str, float]:
