@@ -1,4 +1,4 @@
-"""Stages 0-2 on the embedded default (seeded): the measurements of issue 3.
+"""Stages 0-2 on the embedded default (seeded): what each stage buys, measured on held-out data.
 
     .venv/bin/python bench/stages.py [--out DIR] [--run-dir RUN] [--skip-hh] [key=value ...]
 
@@ -45,7 +45,7 @@ from rlhf.data.adapters import hh_rlhf
 from rlhf.evaluation import bootstrap_ci, paired_outcomes
 from rlhf.losses import rm_ranking_loss
 from rlhf.models import ScalarModel, load_policy, load_tokenizer
-from rlhf.sampling import sample
+from rlhf.sampling import SampledChunk, decode_responses, sample_and_score
 from rlhf.synthetic import SyntheticSuite, format_response, gold_score, parse_prompt, rank_responses
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,19 +55,23 @@ HH_OVERRIDES = [  # longer dialogues than the synthetic prompts; the model stays
     "model.max_prompt_tokens=128", "model.max_response_tokens=64"]
 
 
+def _prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def _texts(tokenizer, chunk: SampledChunk) -> list[str]:
+    # Special tokens kept, as these figures were first measured: a sampled pad counts as a word.
+    return decode_responses(tokenizer, chunk.samples, skip_special_tokens=False)
+
+
 @torch.no_grad()
 def gold_eval(model_dir: str | Path, prompts: list[str], cfg: Config, seed: int) -> dict:
     """Mean gold score and exact-answer rate of one T=1 sample per prompt."""
     tokenizer, policy = load_tokenizer(model_dir), load_policy(model_dir).eval()
-    gen = torch.Generator().manual_seed(seed)
-    scores = []
-    for i in range(0, len(prompts), 64):
-        chunk = prompts[i:i + 64]
-        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
-        s = sample(policy, ids, cfg.model.max_response_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                   temperature=1.0, generator=gen)
-        for p, row, mask in zip(chunk, s.input_ids, s.action_mask):
-            scores.append(gold_score(parse_prompt(p), tokenizer.decode(row[mask.bool()])))
+    scores = sample_and_score(
+        policy, tokenizer, _prompt_ids(tokenizer, prompts),
+        lambda c: [gold_score(parse_prompt(prompts[i]), r) for i, r in zip(c.rows, _texts(tokenizer, c))],
+        chunk_size=64, max_new_tokens=cfg.model.max_response_tokens, seed=seed)
     return {"gold_mean": sum(scores) / len(scores), "exact": sum(x == 1.0 for x in scores) / len(scores),
             "n": len(scores)}
 
@@ -82,25 +86,26 @@ def rm_on_sft_samples(cfg: Config, k: int = 8, seed: int = 1) -> dict:
     policy_dir, rm_dir = StageDir(cfg.output_dir, "sft").final, StageDir(cfg.output_dir, "rm").final
     tokenizer, policy = load_tokenizer(policy_dir), load_policy(policy_dir).eval()
     reward = ScalarModel.from_pretrained(rm_dir).eval()
-    gen = torch.Generator().manual_seed(seed)
+    rows = [p for r in stage_data.load(cfg, "prompts", "test") for p in [r.prompt] * k]
+
+    def score(c: SampledChunk) -> list[tuple[str, float, float]]:
+        rm_scores = reward.score(c.samples.input_ids, c.samples.attention_mask).tolist()
+        return [(text, gold_score(parse_prompt(rows[i]), text), rm_score)
+                for i, text, rm_score in zip(c.rows, _texts(tokenizer, c), rm_scores)]
+
+    # 64 prompts (x k samples) per sampling call, so each prompt's k samples share a call
+    sampled = sample_and_score(policy, tokenizer, _prompt_ids(tokenizer, rows), score, chunk_size=64 * k,
+                               max_new_tokens=cfg.model.max_response_tokens, seed=seed)
+    texts, gold, scores = (list(x) for x in zip(*sampled))
     right = pairs = 0
     mean_gold, best_gold = [], []
-    prompts = [r.prompt for r in stage_data.load(cfg, "prompts", "test")]
-    for i in range(0, len(prompts), 64):
-        chunk = [p for p in prompts[i:i + 64] for _ in range(k)]
-        s = sample(policy, [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk],
-                   cfg.model.max_response_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                   temperature=1.0, generator=gen)
-        scores = reward.score(s.input_ids, s.attention_mask).tolist()
-        texts = [tokenizer.decode(row[m.bool()]) for row, m in zip(s.input_ids, s.action_mask)]
-        gold = [gold_score(parse_prompt(p), t) for p, t in zip(chunk, texts)]
-        for g in range(0, len(chunk), k):
-            mean_gold.append(sum(gold[g:g + k]) / k)
-            best_gold.append(gold[max(range(g, g + k), key=scores.__getitem__)])
-            for a, b in itertools.combinations(range(g, g + k), 2):
-                if texts[a] != texts[b] and gold[a] != gold[b]:
-                    pairs += 1
-                    right += (gold[a] > gold[b]) == (scores[a] > scores[b])
+    for g in range(0, len(rows), k):
+        mean_gold.append(sum(gold[g:g + k]) / k)
+        best_gold.append(gold[max(range(g, g + k), key=scores.__getitem__)])
+        for a, b in itertools.combinations(range(g, g + k), 2):
+            if texts[a] != texts[b] and gold[a] != gold[b]:
+                pairs += 1
+                right += (gold[a] > gold[b]) == (scores[a] > scores[b])
     return {"accuracy": right / max(pairs, 1), "n_pairs": pairs, "samples_per_prompt": k,
             "gold_mean": sum(mean_gold) / len(mean_gold), "gold_of_rm_best": sum(best_gold) / len(best_gold)}
 

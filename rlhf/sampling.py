@@ -56,9 +56,9 @@ def sample(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id:
     return Samples(full_ids.cpu(), full_mask.cpu(), action.cpu(), logps.cpu(), width)
 
 
-def decode_responses(tokenizer, samples: Samples) -> list[str]:
-    """Each row's response tokens as text, special tokens (the EOS) left out."""
-    return [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
+def decode_responses(tokenizer, samples: Samples, skip_special_tokens: bool = True) -> list[str]:
+    """Each row's response tokens as text, by default without special tokens (the EOS, a sampled pad)."""
+    return [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=skip_special_tokens)
             for row, m in zip(samples.input_ids, samples.action_mask)]
 
 

@@ -33,7 +33,7 @@ from rlhf.evaluation import (block_losses, bootstrap_ci, group_means, summed_log
                              win_rate, win_rate_ci)
 from rlhf.forward import token_logprobs
 from rlhf.models import ScalarModel, load_policy, load_tokenizer
-from rlhf.sampling import sample
+from rlhf.sampling import SampledChunk, sample_and_score
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,16 @@ def _rm_inputs(rm_tok, tok, samples, prompts: list[str], responses: list[str]):
     return ids, mask
 
 
+@dataclasses.dataclass
+class _Scored:
+    """One sampled response's numbers (PolicyEval's lists, per row)."""
+    response: str
+    tokens: int
+    gold: float | None
+    rm: float | None
+    log_ratio: float
+
+
 @torch.no_grad()
 def evaluate_policy(model, sft_model, rm: ScalarModel | None, tok, data: HeldOut, *,
                     max_new_tokens: int, seed: int, batch_size: int, scorer=None,
@@ -159,31 +169,35 @@ def evaluate_policy(model, sft_model, rm: ScalarModel | None, tok, data: HeldOut
     """Sample one response per row of `data` at T=1 and score it every way we have."""
     model.eval()
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out = PolicyEval([], [], [] if scorer is not None else None, [] if rm is not None else None, [], [])
-    for start in range(0, len(data.prompts), batch_size):
-        prompts = data.prompts[start:start + batch_size]
-        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        s = sample(model, ids, max_new_tokens, tok.eos_token_id, tok.pad_token_id,
-                   temperature=TEMPERATURE, generator=gen)
-        responses = [tok.decode(row[m.bool()].tolist(), skip_special_tokens=True)
-                     for row, m in zip(s.input_ids, s.action_mask)]
-        out.responses += responses
-        out.response_tokens += s.action_mask.sum(1).tolist()
+
+    def score(chunk: SampledChunk) -> list[_Scored]:
+        s, responses = chunk.samples, chunk.responses
+        prompts = data.prompts[chunk.rows.start:chunk.rows.stop]
+        gold = [None] * len(responses)
         if scorer is not None:
-            targets = data.tasks[start:start + batch_size] if data.tasks else prompts
-            out.gold += [float(scorer(t, r)) for t, r in zip(targets, responses)]
+            targets = data.tasks[chunk.rows.start:chunk.rows.stop] if data.tasks else prompts
+            gold = [float(scorer(t, r)) for t, r in zip(targets, responses)]
         dev_ids, dev_mask = s.input_ids.to(device), s.attention_mask.to(device)
         # Both recomputed at T=1 (not the sampler's numbers), so SFT vs itself is exactly 0.
         lp = token_logprobs(model, dev_ids, dev_mask).cpu()
         ref = lp if model is sft_model else token_logprobs(sft_model, dev_ids, dev_mask).cpu()
-        out.log_ratio += summed_log_ratio(lp, ref, s.action_mask).tolist()
+        log_ratio = summed_log_ratio(lp, ref, s.action_mask).tolist()
+        rm_scores = [None] * len(responses)
         if rm is not None:
             r_ids, r_mask = _rm_inputs(rm_tok, tok, s, prompts, responses)
             rm_device = next(rm.parameters()).device
-            out.rm += rm.score(r_ids.to(rm_device), r_mask.to(rm_device)).float().cpu().tolist()
-    out.block_losses = block_losses(model, data.blocks, block_batch_size).tolist()
-    return out
+            rm_scores = rm.score(r_ids.to(rm_device), r_mask.to(rm_device)).float().cpu().tolist()
+        return [_Scored(*row) for row in zip(responses, s.action_mask.sum(1).tolist(), gold, rm_scores,
+                                             log_ratio)]
+
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in data.prompts]
+    rows = sample_and_score(model, tok, ids, score, chunk_size=batch_size, max_new_tokens=max_new_tokens,
+                            seed=seed, temperature=TEMPERATURE)
+    return PolicyEval(responses=[r.response for r in rows], response_tokens=[r.tokens for r in rows],
+                      gold=[r.gold for r in rows] if scorer is not None else None,
+                      rm=[r.rm for r in rows] if rm is not None else None,
+                      log_ratio=[r.log_ratio for r in rows],
+                      block_losses=block_losses(model, data.blocks, block_batch_size).tolist())
 
 
 def _mean(x) -> float:

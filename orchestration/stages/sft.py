@@ -25,7 +25,7 @@ from rlhf.config import Config, SFTConfig
 from rlhf.forward import policy_logits
 from rlhf.losses import ptx_lm_loss
 from rlhf.models import ScalarModel, load_policy, load_tokenizer
-from rlhf.sampling import sample
+from rlhf.sampling import sample_and_score
 from rlhf.schedules import cosine_to_fraction, lambda_lr
 from rlhf.train_state import make_optimizer
 from rlhf.tiny import set_residual_dropout
@@ -123,16 +123,13 @@ def train_loop(ctx: harness.WorkerContext, section: str, base: str) -> dict:
 
 
 @torch.no_grad()
-def mean_rm_score(policy, rm: ScalarModel, prompt_ids: list[list[int]], max_new_tokens: int,
-                  eos_id: int, pad_id: int, seed: int) -> float:
+def mean_rm_score(policy, rm: ScalarModel, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
+                  seed: int) -> float:
     """Mean RM score of one T=1 sample per prompt (same sampler seed for every policy compared)."""
-    gen = torch.Generator().manual_seed(seed)
-    scores = []
-    for i in range(0, len(prompt_ids), SAMPLE_CHUNK):
-        s = sample(policy, prompt_ids[i:i + SAMPLE_CHUNK], max_new_tokens, eos_id, pad_id,
-                   temperature=1.0, generator=gen)
-        scores.append(rm.score(s.input_ids, s.attention_mask))
-    return float(torch.cat(scores).mean())
+    scores = sample_and_score(policy, tokenizer, prompt_ids,
+                              lambda c: rm.score(c.samples.input_ids, c.samples.attention_mask).tolist(),
+                              chunk_size=SAMPLE_CHUNK, max_new_tokens=max_new_tokens, seed=seed)
+    return float(torch.tensor(scores).mean())
 
 
 def rm_final(cfg: Config) -> Path:
@@ -151,8 +148,8 @@ def select_by_rm(cfg: Config, section: str = "sft") -> dict:
     rm = ScalarModel.from_pretrained(rm_final(cfg)).eval()
     prompts = [r.prompt for r in stage_data.load(cfg, "prompts", "valid", tokenizer)]
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    scores = {d.name: mean_rm_score(load_policy(d).eval(), rm, ids, cfg.model.max_response_tokens,
-                                    tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.run.seed)
+    scores = {d.name: mean_rm_score(load_policy(d).eval(), rm, tokenizer, ids, cfg.model.max_response_tokens,
+                                    cfg.run.seed)
               for d in dirs}
     best = max(scores, key=scores.get)
     atomic_write_dir(stage.final, lambda out: shutil.copytree(stage.path / "epochs" / best, out, dirs_exist_ok=True))
