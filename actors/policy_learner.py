@@ -23,9 +23,8 @@ from typing import Any
 
 import torch
 
-from actors.group import BucketedGrads, DistributedWorker
-from actors.resources import configure_threads, parse_dtype, pick_device
-from actors.weight_sync import BucketMeta, FlatParameters, StagingBuffers, checksum, put_buckets
+from actors.learner import Learner
+from actors.weight_sync import BucketMeta, FlatParameters, StagingBuffers, put_buckets
 from rlhf.collate import LMBatch
 from rlhf.config import OptimizerConfig, PPOConfig
 from rlhf.ema import EMA
@@ -34,27 +33,20 @@ from rlhf.forward import policy_logits, token_logprobs
 from rlhf.losses import policy_loss, ptx_lm_loss, ptx_targets
 from rlhf.masked import masked_count, masked_mean
 from rlhf.models import load_policy, load_tokenizer
-from rlhf.schedules import lambda_lr, warmup_then_constant
-from rlhf.train_state import make_optimizer, restore, snapshot
 
 
 class StaleRolloutError(RuntimeError):
     """A minibatch sampled with weights other than the learner's current version."""
 
 
-class PolicyLearner(DistributedWorker):
+class PolicyLearner(Learner):
     def __init__(self, policy_path: str, ppo: PPOConfig | None = None,
                  optimizer: OptimizerConfig | None = None, seed: int = 0,
                  num_threads: int | None = None, device: str = "auto", dtype: str | None = None,
                  bucket_cap_mb: float = 64.0, forward_batch_size: int = 64) -> None:
-        configure_threads(num_threads)
-        torch.manual_seed(seed)
-        self.device = pick_device(device)
-        self.ppo = ppo or PPOConfig()
-        self.opt_cfg = optimizer or OptimizerConfig()
+        super().__init__(ppo, optimizer, seed, num_threads, device, dtype, bucket_cap_mb, forward_batch_size)
         self.policy_path = str(policy_path)
-        self.model = load_policy(policy_path, dtype=parse_dtype(dtype)).to(self.device).eval()
-        self.cap_bytes = int(bucket_cap_mb * 2**20)
+        self.model = load_policy(policy_path, dtype=self.dtype).to(self.device).eval()
         # The weight broadcast's CPU buffers: on CPU the parameters themselves live in them
         # (nothing to pack; before the optimizer, which must see the final parameters);
         # on a GPU each sync packs a host copy into reused staging buffers.
@@ -62,28 +54,18 @@ class PolicyLearner(DistributedWorker):
             self.flat: FlatParameters | None = FlatParameters(self.model)
         else:
             self.flat, self.staging = None, StagingBuffers(self.cap_bytes)
-        self.optimizer = make_optimizer(self.model.parameters(), self.ppo.lr, self.opt_cfg)
-        self.scheduler = lambda_lr(self.optimizer, warmup_then_constant,
-                                   warmup_iters=self.ppo.warmup_iterations,
-                                   start_fraction=self.ppo.warmup_start_fraction)
+        self.start_training(self.ppo.lr)
         self.ema = EMA(self.model, decay=self.ppo.ema_decay)
-        self.grads = BucketedGrads(
-            [(n, p) for n, p in self.model.named_parameters() if p.requires_grad], self.cap_bytes)
-        self.forward_batch_size = forward_batch_size
         self.version = 0
-
-    def trained_module(self) -> torch.nn.Module:
-        return self.model
 
     # ------------------------------------------------------------ scoring
 
-    @torch.no_grad()
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, T] log pi(token_t | <t) under the current weights at the sampler's temperature
         (the old logprobs); float32 (float64 for a float64 model)."""
-        n, t = self.forward_batch_size, self.ppo.temperature
-        return torch.cat([token_logprobs(self.model, i.to(self.device), m.to(self.device), temperature=t).cpu()
-                          for i, m in zip(input_ids.split(n), attention_mask.split(n))])
+        t = self.ppo.temperature
+        return self.forward_in_batches(lambda i, m: token_logprobs(self.model, i, m, temperature=t),
+                                       input_ids, attention_mask)
 
     # ------------------------------------------------------------ training
 
@@ -143,10 +125,7 @@ class PolicyLearner(DistributedWorker):
             ptx_loss=ptx_loss,
             ppo_grad_norm=math.sqrt(ppo_sq),
             ptx_grad_norm=math.sqrt(ptx_sq),
-            grad_norm=norm,
-            lr=self.scheduler.get_last_lr()[0],
-            skipped=float(skipped),
-            nonfinite_steps=float(self.nonfinite_steps),
+            **self.step_stats(norm, skipped),
             version=float(self.version),
         )
         return stats
@@ -158,9 +137,6 @@ class PolicyLearner(DistributedWorker):
         return self.version
 
     # ------------------------------------------------------------ weights out
-
-    def checksum(self) -> str:
-        return checksum(self.model.named_parameters())
 
     def weight_version(self) -> int:
         return self.version
@@ -183,13 +159,12 @@ class PolicyLearner(DistributedWorker):
     # ------------------------------------------------------------ checkpoints
 
     def state_dict_for_checkpoint(self) -> dict[str, Any]:
-        return snapshot(self.model, self.optimizer, self.scheduler, ema=self.ema.state_dict(),
-                        version=self.version, nonfinite_steps=self.nonfinite_steps)
+        return self.snapshot(ema=self.ema.state_dict(), version=self.version)
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        extra = restore(state, self.model, self.optimizer, self.scheduler)
+        extra = self.restore(state)
         self.ema.load_state_dict(extra["ema"])
-        self.version, self.nonfinite_steps = int(extra["version"]), int(extra["nonfinite_steps"])
+        self.version = int(extra["version"])
 
     def save_pretrained(self, path: str, use_ema: bool = True) -> str:
         """An HF directory of the policy (EMA weights by default, as the paper evaluates)."""
