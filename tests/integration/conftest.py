@@ -98,3 +98,23 @@ def _write_tiny_ppo_inputs(root, cfg: Config, rm_head_fill: float | None = None)
 def tiny_ppo_inputs():
     """tiny_ppo_inputs(root, cfg, rm_head_fill=None): writes sft/final and rm/final under root."""
     return _write_tiny_ppo_inputs
+
+
+def _write_actor_models(root, texts: list[str], reward_bias: float = 0.0) -> dict:
+    """A 1-layer policy (tokenizer trained on `texts`) and its RM with bias `reward_bias`."""
+    from rlhf.models import ScalarModel
+
+    tok = train_tokenizer(texts, vocab_size=300)
+    policy = build_tiny_model(tok, n_layer=1, n_head=2, n_embd=32, n_positions=64, seed=0)
+    tok.save_pretrained(root / "policy")
+    policy.save_pretrained(root / "policy")
+    rm = ScalarModel.from_causal_lm(policy, seed=1)
+    rm.reward_bias = reward_bias
+    rm.save_pretrained(root / "rm")
+    return {"policy": str(root / "policy"), "rm": str(root / "rm"), "tok": tok}
+
+
+@pytest.fixture(scope="session")
+def actor_models():
+    """actor_models(root, texts, reward_bias=0.0) -> {policy, rm, tok}: tiny models saved under root."""
+    return _write_actor_models

@@ -26,7 +26,6 @@ from rlhf.forward import token_logprobs
 from rlhf.losses import policy_loss
 from rlhf.models import ScalarModel, load_policy
 from rlhf.sampling import sample
-from rlhf.tiny import build_tiny_model, train_tokenizer
 
 TEXTS = ["the red fox runs over the hill", "a blue bird sings at dawn", "one two three four five six"] * 20
 PROMPTS = ["the red", "a blue bird", "one two", "the", "six five four", "a", "fox runs", "hill sings"]
@@ -34,16 +33,9 @@ CPU = 0.25  # 7 actors on 2 cores
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    tok = train_tokenizer(TEXTS, vocab_size=300)
-    policy = build_tiny_model(tok, n_layer=1, n_head=2, n_embd=32, n_positions=64, seed=0)
-    tok.save_pretrained(root / "policy")
-    policy.save_pretrained(root / "policy")
-    rm = ScalarModel.from_causal_lm(policy, seed=1)
-    rm.reward_bias = 0.5  # the scorer must apply the normalisation bias
-    rm.save_pretrained(root / "rm")
-    return {"policy": str(root / "policy"), "rm": str(root / "rm"), "tok": tok}
+def dirs(tmp_path_factory, actor_models):
+    # reward_bias: the scorer must apply the RM's normalisation bias
+    return actor_models(tmp_path_factory.mktemp("tiny"), TEXTS, reward_bias=0.5)
 
 
 @pytest.fixture(scope="module")

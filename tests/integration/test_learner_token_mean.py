@@ -17,8 +17,6 @@ from actors.policy_learner import PolicyLearner
 from rlhf.collate import LMBatch, lm_batch, pack_text
 from rlhf.config import OptimizerConfig, PPOConfig
 from rlhf.experience import Experience
-from rlhf.models import ScalarModel
-from rlhf.tiny import build_tiny_model, train_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -32,14 +30,8 @@ CPU = 0.25
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_token_mean")
-    tok = train_tokenizer(TEXTS, vocab_size=300)
-    policy = build_tiny_model(tok, n_layer=1, n_head=2, n_embd=32, n_positions=64, seed=0)
-    tok.save_pretrained(root / "policy")
-    policy.save_pretrained(root / "policy")
-    ScalarModel.from_causal_lm(policy, seed=1).save_pretrained(root / "rm")
-    return {"policy": str(root / "policy"), "rm": str(root / "rm"), "tok": tok}
+def dirs(tmp_path_factory, actor_models):
+    return actor_models(tmp_path_factory.mktemp("tiny_token_mean"), TEXTS)
 
 
 def _ppo() -> PPOConfig:

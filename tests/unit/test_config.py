@@ -92,28 +92,17 @@ def _error(path, overrides=()):
     return str(e.value)
 
 
-def test_typo_key_names_field_and_file(tmp_path):
+@pytest.mark.parametrize("text, expected", [
+    ("ppo:\n  minibatch_sise: 64\n", ["ppo.minibatch_sise", "unknown key"]),              # a typo
+    ("ppo:\n  batch_size: lots\n", ["ppo.batch_size", "'lots'"]),                         # a wrong type
+    ("ppo:\n  batch_size: 512\n  minibatch_size: 48\n", ["ppo.minibatch_size = 48", "512"]),  # geometry
+])
+def test_a_bad_value_gets_one_line_naming_field_value_and_file(tmp_path, text, expected):
     f = tmp_path / "c.yaml"
-    f.write_text("ppo:\n  minibatch_sise: 64\n")
+    f.write_text(text)
     msg = _error(f)
     assert msg.count("\n") == 0
-    assert str(f) in msg and "ppo.minibatch_sise" in msg and "unknown key" in msg
-
-
-def test_wrong_type_names_field_value_and_file(tmp_path):
-    f = tmp_path / "c.yaml"
-    f.write_text("ppo:\n  batch_size: lots\n")
-    msg = _error(f)
-    assert msg.count("\n") == 0
-    assert str(f) in msg and "ppo.batch_size" in msg and "'lots'" in msg
-
-
-def test_impossible_geometry_names_field(tmp_path):
-    f = tmp_path / "c.yaml"
-    f.write_text("ppo:\n  batch_size: 512\n  minibatch_size: 48\n")
-    msg = _error(f)
-    assert msg.count("\n") == 0
-    assert "ppo.minibatch_size = 48" in msg and "512" in msg and str(f) in msg
+    assert str(f) in msg and all(e in msg for e in expected), msg
 
 
 def test_override_errors_name_the_command_line():
