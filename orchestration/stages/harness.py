@@ -37,7 +37,9 @@ from rlhf.batch import split_evenly
 from rlhf.config import Config
 from rlhf.masked import global_share  # noqa: F401  (the stages call harness.global_share)
 from rlhf.models import load_state_file
+from rlhf.schedules import cosine_to_fraction, lambda_lr
 from rlhf.seeds import derive_seed
+from rlhf.train_state import make_optimizer
 from orchestration.rundir import MetricsLogger, StageDir, atomic_write_dir, truncate_metrics
 
 DEFAULT_CHECKPOINT_EVERY = 100  # optimizer steps; stages 0-2 have no config field for it yet
@@ -144,6 +146,21 @@ class TrainState:
     def next_epoch(self) -> None:
         self.epoch += 1
         self.batch_in_epoch = 0
+
+
+def start_training(ctx: WorkerContext, model: nn.Module, lr: float, total_steps: int,
+                   final_lr_fraction: float, desc: str):
+    """The model on its device (DDP for world > 1), Adam with a cosine schedule to
+    `final_lr_fraction`, the newest checkpoint restored and a progress bar.
+
+    Returns (model, optimizer, scheduler, state, progress).
+    """
+    model = ctx.wrap(model)  # on the device before the optimizer (and a restored state) sees it
+    optimizer = make_optimizer(model.parameters(), lr, ctx.cfg.optimizer)
+    scheduler = lambda_lr(optimizer, cosine_to_fraction, total_steps=total_steps, final_fraction=final_lr_fraction)
+    state = restore_latest(ctx, model, optimizer, scheduler)
+    model.train()
+    return model, optimizer, scheduler, state, Progress(ctx, total_steps, state.step, desc=desc)
 
 
 def save_checkpoint(ctx: WorkerContext, state: TrainState, model: nn.Module, optimizer, scheduler) -> None:

@@ -21,8 +21,6 @@ from rlhf.data import TextRecord
 from rlhf.forward import policy_logits
 from rlhf.losses import ptx_lm_loss
 from rlhf.models import load_policy, load_tokenizer
-from rlhf.schedules import cosine_to_fraction, lambda_lr
-from rlhf.train_state import make_optimizer
 from rlhf.synthetic import tokenizer_training_text
 from rlhf.tiny import make_tiny_base
 
@@ -93,13 +91,9 @@ def train_loop(ctx: harness.WorkerContext, base: str) -> dict:
     model = load_policy(base)
     train = blocks_of(cfg, tokenizer, "train", pc.seq_len)
     valid = [lm_batch(b) for b in blocks_of(cfg, tokenizer, "valid", pc.seq_len).split(EVAL_BATCH)]
-    model = ctx.wrap(model)  # on the device before the optimizer (and a restored state) sees it
-    optimizer = make_optimizer(model.parameters(), pc.lr, cfg.optimizer)
-    scheduler = lambda_lr(optimizer, cosine_to_fraction, total_steps=pc.steps, final_fraction=pc.final_lr_fraction)
-    state = harness.restore_latest(ctx, model, optimizer, scheduler)
-    model.train()
     per_epoch = len(train) // pc.batch_size
-    progress = harness.Progress(ctx, pc.steps, state.step, desc=STAGE)
+    model, optimizer, scheduler, state, progress = harness.start_training(
+        ctx, model, pc.lr, pc.steps, pc.final_lr_fraction, desc=STAGE)
     if state.step == 0:
         state.extra["val_loss_untrained"] = heldout_loss(ctx, model, valid)
         progress.log(0, val_loss=state.extra["val_loss_untrained"], epoch=0)

@@ -25,8 +25,6 @@ from rlhf.collate import RankingBatch, TokenLimits, collate_encoded, collate_ran
 from rlhf.config import Config
 from rlhf.losses import rm_bias, rm_ranking_loss
 from rlhf.models import ScalarModel, load_tokenizer
-from rlhf.schedules import cosine_to_fraction, lambda_lr
-from rlhf.train_state import make_optimizer
 from rlhf.tiny import set_residual_dropout
 
 logger = logging.getLogger(__name__)
@@ -96,12 +94,8 @@ def train_loop(ctx: harness.WorkerContext, init: str) -> dict:
     valid = {name: groups for name, groups in valid.items() if groups}  # no gold outside the synthetic task
     per_epoch = len(train) // rc.batch_size
     total = rc.epochs * per_epoch
-    model = ctx.wrap(model)  # on the device before the optimizer (and a restored state) sees it
-    optimizer = make_optimizer(model.parameters(), rc.lr, cfg.optimizer)
-    scheduler = lambda_lr(optimizer, cosine_to_fraction, total_steps=total, final_fraction=rc.final_lr_fraction)
-    state = harness.restore_latest(ctx, model, optimizer, scheduler)
-    model.train()
-    progress = harness.Progress(ctx, total, state.step, desc=STAGE)
+    model, optimizer, scheduler, state, progress = harness.start_training(
+        ctx, model, rc.lr, total, rc.final_lr_fraction, desc=STAGE)
 
     for epoch in range(state.epoch, rc.epochs):
         for idx in harness.epoch_batches(len(train), rc.batch_size, cfg.run.seed, epoch)[state.batch_in_epoch:]:

@@ -26,8 +26,6 @@ from rlhf.forward import policy_logits
 from rlhf.losses import ptx_lm_loss
 from rlhf.models import ScalarModel, load_policy, load_tokenizer
 from rlhf.sampling import sample_and_score
-from rlhf.schedules import cosine_to_fraction, lambda_lr
-from rlhf.train_state import make_optimizer
 from rlhf.tiny import set_residual_dropout
 
 logger = logging.getLogger(__name__)
@@ -89,12 +87,8 @@ def train_loop(ctx: harness.WorkerContext, section: str, base: str) -> dict:
                         cfg.ptx_block_tokens) if n_ptx else torch.zeros((0, 1), dtype=torch.long))
     per_epoch = len(train) // n_demo
     total = sc.epochs * per_epoch
-    model = ctx.wrap(model)  # on the device before the optimizer (and a restored state) sees it
-    optimizer = make_optimizer(model.parameters(), sc.lr, cfg.optimizer)
-    scheduler = lambda_lr(optimizer, cosine_to_fraction, total_steps=total, final_fraction=sc.final_lr_fraction)
-    state = harness.restore_latest(ctx, model, optimizer, scheduler)
-    model.train()
-    progress = harness.Progress(ctx, total, state.step, desc=section)
+    model, optimizer, scheduler, state, progress = harness.start_training(
+        ctx, model, sc.lr, total, sc.final_lr_fraction, desc=section)
 
     for epoch in range(state.epoch, sc.epochs):
         for idx in harness.epoch_batches(len(train), n_demo, cfg.run.seed, epoch)[state.batch_in_epoch:]:
