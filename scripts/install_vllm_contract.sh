@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the real vllm==0.33.0 wheel into a CPU venv so tests/contract can check our
-# calls against its real classes (DESIGN §8). vLLM has no CPU kernels and pins
+# calls against its real classes. vLLM has no CPU kernels and pins
 # torch==2.14 / CUDA wheels, so the wheel goes in with --no-deps plus only the
 # pure-Python modules that `from vllm import LLM, SamplingParams, TokensPrompt` and
 # `vllm.distributed.weight_transfer` import. torch, transformers and ray must not move.
