@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "serve":
             p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT",
                            help="a run directory (serves its final policy) or an HF checkpoint dir")
+            # As `vllm serve` and uvicorn take them; the same as serve.host=/serve.port= overrides.
+            p.add_argument("--host", help="address to bind (serve.host)")
+            p.add_argument("--port", help="port to listen on (serve.port)")
         p.add_argument("args", nargs="*", metavar="CONFIG|key=value",
                        help="optional config file or preset, then overrides")
         p.add_argument("--dry-run", action="store_true",
@@ -58,12 +61,19 @@ def split_config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
     return config, overrides
 
 
+def resolve_config(ns: argparse.Namespace):
+    """The config a parsed command line names, its overrides and flags applied."""
+    config, overrides = split_config_and_overrides(ns.args)
+    overrides += [f"serve.{flag}={value}" for flag in ("host", "port")
+                  if (value := getattr(ns, flag, None)) is not None]
+    return load_config(config, overrides, check_files=not ns.dry_run)
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config, overrides = split_config_and_overrides(ns.args)
-        cfg = load_config(config, overrides, check_files=not ns.dry_run)
+        cfg = resolve_config(ns)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -188,3 +188,11 @@ def test_each_preset_prints_its_plan_and_is_trainable(preset, capsys):
     out = capsys.readouterr().out
     assert f"config: {preset}" in out and "PPO batch geometry" in out and "config error" not in out
     assert check_trainable(load_config(preset)) == []
+
+
+def test_serve_takes_host_and_port_flags_like_other_servers(capsys):
+    ns = cli._parser().parse_args(["serve", "runs/x", "--host", "0.0.0.0", "--port", "8123"])
+    cfg = cli.resolve_config(ns)
+    assert (cfg.serve.host, cfg.serve.port) == ("0.0.0.0", 8123)
+    assert cli.main(["serve", "runs/x", "--port", "70000", "--dry-run"]) == 2
+    assert "serve.port" in capsys.readouterr().err
