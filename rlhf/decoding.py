@@ -7,7 +7,9 @@ ends at EOS, at its limit, or when the caller says so (`Decoding.finish`, e.g.
 on a stop string). Iterating a `Decoding` yields each step's new tokens, so a
 server can stream them; `rlhf.sampling.sample` collects them into a batch.
 Logprobs are under each row's sampling distribution (temperature and top-p
-applied; 0 for greedy rows, whose distribution is a point mass).
+applied; 0 for greedy rows, whose distribution is a point mass). Rows that ask
+(`top_logprobs`) also get the model's raw logprobs and top alternatives
+(`rlhf.logprobs`); the others pay nothing for them.
 
 Where the time goes, and what this file does about it (bench/generation.py):
 - the KV cache is allocated once for prompt + response (`GrowingKV`): appending
@@ -29,6 +31,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from rlhf.logprobs import RawLogprobs
 from rlhf.models import position_ids_from_mask
 
 # Compact the batch when at most this fraction of the cache's rows is still live:
@@ -45,6 +48,8 @@ class Step:
     rows: torch.Tensor      # [n] each row's index in the prompt list
     tokens: torch.Tensor    # [n]
     logprobs: torch.Tensor  # [n]
+    raw_rows: torch.Tensor | None = None  # [m] the rows among `rows` that asked for raw logprobs
+    raw: RawLogprobs | None = None        # theirs, in the order of raw_rows
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,15 +180,21 @@ class Decoding:
     per row. Randomness: `generators` (one per row: a row draws the same tokens
     whatever shares its batch, up to rounding of the batched forward pass), else
     one uniform per cache row per step from the shared `generator`.
+    `top_logprobs` (one per row): None, or how many raw alternatives the row
+    wants at each step with its token's raw logprob (`Step.raw`); k is the
+    largest any row asked for, rows that asked fewer take a prefix.
     """
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
                  eos_id: int, pad_id: int, *, temperature: float | Sequence[float] = 1.0,
                  top_p: float | Sequence[float] = 1.0, generator: torch.Generator | None = None,
-                 generators: Sequence[torch.Generator] | None = None) -> None:
+                 generators: Sequence[torch.Generator] | None = None,
+                 top_logprobs: Sequence[int | None] | None = None) -> None:
         n = len(prompts)
         if generators is not None and len(generators) != n:
             raise ValueError(f"{len(generators)} generators for {n} prompts")
+        if top_logprobs is not None and len(top_logprobs) != n:
+            raise ValueError(f"{len(top_logprobs)} top_logprobs for {n} prompts")
         self.model, self.eos_id = model, eos_id
         self.device = next(model.parameters()).device
         ids, mask = left_pad(prompts, pad_id)
@@ -195,6 +206,10 @@ class Decoding:
             top_p = 1.0  # no row filters: skip the sort
         self.temperature, self.top_p = _per_row(temperature, self.device), _per_row(top_p, self.device)
         self.generator, self.generators = generator, list(generators) if generators is not None else None
+        # Rows asking for raw logprobs (None: no row asks, and the loop skips them entirely).
+        asks = [k is not None for k in top_logprobs or []]
+        self.raw_asks = torch.tensor(asks, device=self.device) if any(asks) else None
+        self.raw_k = max((k for k in top_logprobs or [] if k is not None), default=0)
         self._finished: set[int] = set()
         self._started = False
 
@@ -222,6 +237,7 @@ class Decoding:
         rows = torch.arange(batch, device=device)  # original row of each cache row
         live = self.limits > 0  # cache rows still sampling
         limits, temperature, top_p, gens = self.limits, self.temperature, self.top_p, self.generators
+        asks = self.raw_asks
         step_ids, step_pos = ids, position_ids_from_mask(mask)
         next_pos = mask.sum(1, keepdim=True)
         last_only = _last_logits_only(model)
@@ -231,7 +247,11 @@ class Decoding:
                            past_key_values=cache, use_cache=True, **last_only).logits[:, -1]
             uniform = None if gens is None else self._uniforms(gens, live.tolist())
             token, logp = _draw(logits, temperature, top_p, self.generator, uniform)
-            yield Step(t, rows[live], token[live], logp[live])
+            raw_rows = raw = None
+            if asks is not None:
+                ask = (live & asks).nonzero().squeeze(1)
+                raw_rows, raw = rows[ask], RawLogprobs.of(logits[ask], token[ask], self.raw_k)
+            yield Step(t, rows[live], token[live], logp[live], raw_rows, raw)
             # The EOS itself is attended (it is a response token); rows that ended before are not.
             attn[:, length] = live.long()
             live = live & (token != self.eos_id) & (limits > t + 1)
@@ -250,6 +270,7 @@ class Decoding:
                 temperature = temperature[keep] if isinstance(temperature, torch.Tensor) else temperature
                 top_p = top_p[keep] if isinstance(top_p, torch.Tensor) else top_p
                 gens = [gens[i] for i in keep.tolist()] if gens is not None else None
+                asks = asks[keep] if asks is not None else None
             # Rows that ended but are not dropped yet still step; their outputs are never read.
             step_ids, step_pos = token[:, None], next_pos
             next_pos = next_pos + 1

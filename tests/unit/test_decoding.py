@@ -133,3 +133,48 @@ def test_per_row_limits_and_shared_generator_repeat(tiny):
     for i, limit in enumerate(limits):
         assert len(a[i]) <= limit
         assert len(a[i]) == limit or a[i][-1][0] == tok.eos_token_id
+
+
+def test_raw_logprobs_for_the_rows_that_ask_follow_a_full_forward_and_change_no_draw(tiny):
+    tok, model, prompts = tiny
+    n = len(prompts)
+    temps = [1.0, 0.5, 0.0, 1.3] * (n // 4)
+    top_ps = [1.0, 0.7, 1.0, 0.4] * (n // 4)
+    asks = [3, None, 0, 5, None, 1, 2, None] * (n // 8)
+    kw = dict(temperature=temps, top_p=top_ps)
+    d = decoding.Decoding(model, prompts, 12, tok.eos_token_id, tok.pad_token_id, top_logprobs=asks,
+                          generators=_gens(range(n)), **kw)
+    plain = _decode(model, tok, prompts, 12, generators=_gens(range(n)), **kw)
+    got: dict[int, list] = {i: [] for i in range(n)}
+    for step in d:
+        by_row = dict(zip(step.rows.tolist(), zip(step.tokens.tolist(), step.logprobs.tolist())))
+        assert set(step.raw_rows.tolist()) == {r for r in by_row if asks[r] is not None}
+        assert step.raw.top_ids.shape == (len(step.raw_rows), 5)
+        for j, r in enumerate(step.raw_rows.tolist()):
+            got[r].append((by_row[r][0], step.raw.select(j)))
+        for r, pair in by_row.items():
+            assert pair == plain[r][step.index]  # asking changes no token and no sampler logprob
+    checked = 0
+    for i in range(n):
+        assert len(got[i]) == (0 if asks[i] is None else len(plain[i]))
+        if not got[i]:
+            continue
+        ids = torch.tensor([prompts[i] + [t for t, _ in plain[i]]])
+        with torch.no_grad():  # one pass over the whole sequence, no cache, no padding
+            full = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        for k, (token, raw) in enumerate(got[i]):
+            want = full[len(prompts[i]) + k - 1]
+            assert abs(float(raw.chosen) - float(want[token])) < 1e-4, (i, k)
+            top = want.topk(5)
+            torch.testing.assert_close(raw.top_logprobs, top.values, atol=1e-4, rtol=0)
+            assert raw.top_logprobs.tolist() == sorted(raw.top_logprobs.tolist(), reverse=True)
+            checked += 1
+    assert checked > 30
+
+
+def test_no_row_asking_means_no_raw_logprobs(tiny):
+    tok, model, prompts = tiny
+    d = decoding.Decoding(model, prompts[:3], 4, tok.eos_token_id, tok.pad_token_id,
+                          top_logprobs=[None] * 3, generator=torch.Generator().manual_seed(0))
+    assert d.raw_asks is None
+    assert all(step.raw is None and step.raw_rows is None for step in d)
