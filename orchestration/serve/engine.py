@@ -3,7 +3,9 @@
 `ServeEngine` is plain Python (no Ray): it tokenizes, checks lengths and runs
 one decoding loop (`rlhf.decoding`, the rollouts' core) over any number of
 rows, each with its own temperature (0 = greedy), top_p, max_tokens, stop
-strings and seed, yielding every row's new text after each token. `BatchedEngine` puts Ray Serve's `@serve.batch` in front of it: requests
+strings and seed, yielding every row's new text after each token, with
+the model's raw logprobs for rows that ask and the echoed prompt first for rows
+that echo. `BatchedEngine` puts Ray Serve's `@serve.batch` in front of it: requests
 that arrive together share one decoding loop, and each request receives its
 rows' text step by step (which is what streaming sends, token by token).
 
@@ -15,15 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterator, Sequence
 
 import torch
 from ray import serve
 
+from orchestration.serve.detokenize import RowText, Scored, TokenLogprob, decode, prefix_offsets
 from orchestration.serve.protocol import APIError
 from rlhf.decoding import Decoding
+from rlhf.logprobs import RawLogprobs, prompt_logprobs
 from rlhf.models import load_policy, load_tokenizer
 
 # Used when the tokenizer has no chat template: "role: content" lines, then the
@@ -35,7 +39,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'assistant:' }}{%- endif -%}"
 )
-REPLACEMENT = "\ufffd"  # what decode shows for an incomplete UTF-8 character
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class Row:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # raw logprobs with this many top alternatives per token; None: none
+    echo: bool = False           # the prompt's text (and logprobs) come first; max_tokens may be 0
 
 
 @dataclass(frozen=True)
@@ -55,46 +60,7 @@ class Delta:
     text: str                   # new text, safe to send (never part of a stop string)
     finish_reason: str | None   # "stop" (EOS or stop string) or "length" when it just ended
     tokens: int                 # completion tokens generated so far
-
-
-@dataclass
-class _RowText:
-    """Incremental detokenization with stop-string hold-back."""
-    tokenizer: object
-    stop: tuple[str, ...]
-    ids: list[int] = field(default_factory=list)
-    sent: int = 0  # characters already emitted
-
-    def _decode(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True,
-                                     clean_up_tokenization_spaces=False)
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """Add a token; return (text now safe to emit, whether a stop string was hit)."""
-        self.ids.append(token)
-        text = self._decode()
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            return self._emit(text, min(hits)), True
-        # Hold back a tail that may still grow into a stop string or a character.
-        safe = len(text)
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    safe = min(safe, len(text) - k)
-                    break
-        while safe > self.sent and text[safe - 1] == REPLACEMENT:
-            safe -= 1
-        return self._emit(text, safe), False
-
-    def flush(self) -> str:
-        return self._emit(self._decode(), None)
-
-    def _emit(self, text: str, end: int | None) -> str:
-        end = len(text) if end is None else end
-        out = text[self.sent:end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        return out
+    logprobs: tuple[TokenLogprob, ...] = ()  # entries released with this text (rows that asked)
 
 
 class ServeEngine:
@@ -114,6 +80,7 @@ class ServeEngine:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         # An empty prompt still needs one token to condition on (as OpenAI does for GPT-2).
         self.start_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        self._token_texts: dict[int, str] = {}
 
     # ---- prompts --------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -149,7 +116,7 @@ class ServeEngine:
     def budget(self, prompt_len: int, max_tokens: int | None, limit: int) -> int:
         """The max_tokens to use; 400 when the prompt or the request does not fit."""
         room = self.context_length - prompt_len
-        if room < 1:
+        if room < (0 if max_tokens == 0 else 1):  # scoring a prompt (echo, max_tokens 0) needs no room
             raise APIError(400, f"prompt is {prompt_len} tokens; this model's context is "
                            f"{self.context_length} tokens and leaves no room for a completion",
                            param="prompt", code="context_length_exceeded")
@@ -164,33 +131,91 @@ class ServeEngine:
                            param="max_tokens", code="context_length_exceeded")
         return max_tokens
 
+    def token_text(self, token: int) -> str:
+        """A token's own text as logprobs show it (special tokens by name)."""
+        text = self._token_texts.get(token)
+        if text is None:  # at most one entry per vocabulary token
+            text = self._token_texts[token] = self.tokenizer.decode(
+                [token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return text
+
     # ---- decoding -------------------------------------------------------------
     @torch.no_grad()
     def steps(self, rows: Sequence[Row]) -> Iterator[list[Delta | None]]:
-        """Decode all rows together; after each token yield one entry per row (None once done)."""
+        """Decode all rows together; yield one entry per row after each token (None once done).
+
+        When a row echoes or has max_tokens 0, a first step (tokens=0) carries the
+        echoed prompts and ends the max_tokens-0 rows; the other rows get empty deltas.
+        """
         gens = [torch.Generator().manual_seed((secrets.randbits(63) if r.seed is None else r.seed)
                                               % 2**64) for r in rows]
-        decoding = Decoding(self.model, [r.prompt_ids for r in rows], [r.max_tokens for r in rows],
-                            self.eos_id, self.pad_id, temperature=[r.temperature for r in rows],
-                            top_p=[r.top_p for r in rows], generators=gens)
-        texts = [_RowText(self.tokenizer, r.stop) for r in rows]
+        texts = [RowText(self.tokenizer, r.stop) for r in rows]
+        if any(r.echo or r.max_tokens == 0 for r in rows):
+            first = self._prompt_step(rows)
+            texts = [RowText(self.tokenizer, r.stop, base=len(d.text)) for r, d in zip(rows, first)]
+            yield first
+        live = [i for i, r in enumerate(rows) if r.max_tokens > 0]
+        if not live:
+            return
+        decoding = Decoding(self.model, [rows[i].prompt_ids for i in live],
+                            [rows[i].max_tokens for i in live], self.eos_id, self.pad_id,
+                            temperature=[rows[i].temperature for i in live],
+                            top_p=[rows[i].top_p for i in live], generators=[gens[i] for i in live],
+                            top_logprobs=[rows[i].logprobs for i in live])
         for step in decoding:
             out: list[Delta | None] = [None] * len(rows)
             n, stopped = step.index + 1, []
-            for i, tok in zip(step.rows.tolist(), step.tokens.tolist()):
+            scored = {} if step.raw is None else dict(zip(step.raw_rows.tolist(), _scored(step.raw)))
+            for j, tok in zip(step.rows.tolist(), step.tokens.tolist()):
+                i, row = live[j], rows[live[j]]
+                info = scored.get(j)
+                if info is not None:
+                    info = Scored(info.logprob, info.top[:row.logprobs])
+                text, hit = texts[i].push(tok, info)
                 if tok == self.eos_id:
-                    out[i] = Delta(texts[i].flush(), "stop", n)
-                    continue
-                text, hit = texts[i].push(tok)
-                if hit:
-                    stopped.append(i)
-                    out[i] = Delta(text, "stop", n)
-                elif n >= rows[i].max_tokens:
-                    out[i] = Delta(text + texts[i].flush(), "length", n)
+                    reason, text = "stop", text + texts[i].flush()
+                elif hit:
+                    reason = "stop"
+                    stopped.append(j)
+                elif n >= row.max_tokens:
+                    reason, text = "length", text + texts[i].flush()
                 else:
-                    out[i] = Delta(text, None, n)
+                    reason = None
+                out[i] = Delta(text, reason, n, texts[i].take_logprobs(done=reason is not None))
             decoding.finish(stopped)  # EOS and max_tokens end rows in the core itself
             yield out
+
+    def _prompt_step(self, rows: Sequence[Row]) -> list[Delta]:
+        """The echoed prompts (with their logprobs where asked); max_tokens-0 rows end here."""
+        # One scoring pass per distinct prompt, at the most alternatives any of its rows asked for.
+        want: dict[tuple[int, ...], int] = {}
+        for r in rows:
+            if r.echo and r.logprobs is not None:
+                key = tuple(r.prompt_ids)
+                want[key] = max(want.get(key, 0), r.logprobs)
+        keys = list(want)
+        raws = prompt_logprobs(self.model, keys, max(want.values(), default=0), self.pad_id) if keys else []
+        scores = {key: _scored(raw) for key, raw in zip(keys, raws)}
+        out = []
+        for r in rows:
+            reason = "length" if r.max_tokens == 0 else None
+            if not r.echo:
+                out.append(Delta("", reason, 0))
+                continue
+            ids = list(r.prompt_ids)
+            entries: tuple[TokenLogprob, ...] = ()
+            if r.logprobs is not None:
+                offsets = prefix_offsets(self.tokenizer, ids)
+                infos = [None] + [Scored(s.logprob, s.top[:r.logprobs]) for s in scores[tuple(ids)]]
+                entries = tuple(TokenLogprob(t, info, o) for t, info, o in zip(ids, infos, offsets))
+            out.append(Delta(decode(self.tokenizer, ids), reason, 0, entries))
+        return out
+
+
+def _scored(raw: RawLogprobs) -> list[Scored]:
+    """Tensors to Python once per step: each position's logprob and (token, logprob) alternatives."""
+    return [Scored(lp, tuple(zip(ids, lps))) for lp, ids, lps in
+            zip(raw.chosen.tolist(), raw.top_ids.tolist(), raw.top_logprobs.tolist())]
 
 
 class BatchedEngine:

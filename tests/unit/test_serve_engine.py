@@ -3,7 +3,7 @@ their batch, stop strings end a row (which then gets no more deltas), length lim
 import pytest
 import torch
 
-from orchestration.serve.engine import Row, ServeEngine
+from orchestration.serve.engine import Delta, Row, ServeEngine
 from rlhf.tiny import make_tiny_base
 
 TEXTS = [f"the quick brown fox jumps over the lazy dog {i}" for i in range(100)]
@@ -62,3 +62,88 @@ def test_stop_string_ends_the_row_and_length_limits_hold(engine):
     assert texts[0] == free[:free.index(stop)] and reasons[0] == "stop"
     assert seen[0] == tokens[0] < 24
     assert reasons[1] in ("stop", "length") and tokens[1] <= 3 and seen[1] == tokens[1]
+
+
+def _entries(engine, rows):
+    """(texts, entries per row, token counts) with every delta's logprob entries concatenated."""
+    texts, entries, tokens = [""] * len(rows), [[] for _ in rows], [0] * len(rows)
+    for deltas in engine.steps(rows):
+        for i, d in enumerate(deltas):
+            if d is not None:
+                texts[i] += d.text
+                entries[i] += d.logprobs
+                tokens[i] = d.tokens
+                assert all(e.offset <= len(texts[i]) for e in d.logprobs)  # never past what was sent
+    return texts, entries, tokens
+
+
+def _raw(engine, ids):
+    with torch.no_grad():  # one pass over the whole sequence, no cache
+        return torch.log_softmax(engine.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+
+
+def test_logprob_rows_get_raw_logprobs_and_the_same_text(engine):
+    p = engine.encode("the quick brown")
+    rows = [Row(p, 12, 0.7, 0.9, seed=3, logprobs=3), Row(p, 12, 0.0, logprobs=0), Row(p, 12, seed=3)]
+    texts, entries, tokens = _entries(engine, rows)
+    plain = _run(engine, [Row(p, 12, 0.7, 0.9, seed=3), Row(p, 12, 0.0)])[0]
+    assert texts[:2] == plain and entries[2] == []
+    for i in (0, 1):
+        assert len(entries[i]) == tokens[i]
+        ids = p + [e.token for e in entries[i]]
+        raw = _raw(engine, ids)
+        for k, e in enumerate(entries[i]):
+            want = raw[len(p) + k - 1]
+            assert abs(e.scored.logprob - float(want[e.token])) < 1e-4
+            assert [t for t, _ in e.scored.top] == want.topk(rows[i].logprobs).indices.tolist()
+        offsets = [e.offset for e in entries[i]]
+        assert offsets == sorted(offsets) and offsets[0] == 0
+        assert _whole_tokens_at_their_offsets(engine, texts[i], entries[i]) > 0
+
+
+def _decode(engine, ids):
+    return engine.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _whole_tokens_at_their_offsets(engine, text, entries) -> int:
+    """Every token that is whole characters on its own sits at its offset in `text`; how many were."""
+    checked, special = 0, set(engine.tokenizer.all_special_ids)
+    for e in entries:
+        t = engine.token_text(e.token)
+        if "\ufffd" not in t and e.token not in special:  # not half a character; specials have no text
+            assert text[e.offset:e.offset + len(t)] == t, (e, text)
+            checked += 1
+    return checked
+
+
+def test_echo_scores_the_prompt_and_max_tokens_zero_ends_there(engine):
+    p, q = engine.encode("the quick brown fox"), engine.encode("lazy dog 7")
+    rows = [Row(p, 0, echo=True, logprobs=2), Row(q, 5, seed=1, echo=True, logprobs=1),
+            Row(q, 5, seed=1), Row(p, 0, echo=True)]
+    first = next(iter(engine.steps(rows)))
+    assert [d.finish_reason for d in first] == ["length", None, None, "length"]
+    assert first[0].text == first[3].text == _decode(engine, p) and first[2] == Delta("", None, 0)
+    texts, entries, tokens = _entries(engine, rows)
+    assert tokens[0] == tokens[3] == 0 and entries[3] == []
+    assert texts[1] == _decode(engine, q) + texts[2]  # the echo, then the same completion
+    for ids, got in ((p, entries[0]), (q, entries[1][:len(q)])):
+        raw = _raw(engine, ids)
+        assert [e.token for e in got] == ids and got[0].scored is None and got[0].offset == 0
+        for k, e in enumerate(got[1:]):
+            assert abs(e.scored.logprob - float(raw[k, ids[k + 1]])) < 1e-4
+            torch.testing.assert_close(torch.tensor([lp for _, lp in e.scored.top]),
+                                       raw[k].topk(len(e.scored.top)).values, atol=1e-4, rtol=0)
+    assert len(entries[0][1].scored.top) == 2 and len(entries[1][1].scored.top) == 1
+    assert _whole_tokens_at_their_offsets(engine, texts[0], entries[0]) == len(p)  # plain words
+    assert _whole_tokens_at_their_offsets(engine, texts[1], entries[1]) >= len(q)
+    assert len(entries[1]) == len(q) + tokens[1]
+    assert entries[1][len(q)].offset == len(_decode(engine, q))  # the completion starts after the echo
+
+
+def test_stop_string_holds_back_logprob_entries_and_clamps_their_offsets(engine):
+    p = engine.encode("the quick brown")
+    free = _run(engine, [Row(p, 24, seed=4)])[0][0]
+    stop = free.strip()[2:4]
+    texts, entries, tokens = _entries(engine, [Row(p, 24, stop=(stop,), seed=4, logprobs=1)])
+    assert texts[0] == free[:free.index(stop)] and len(entries[0]) == tokens[0]
+    assert all(e.offset <= len(texts[0]) for e in entries[0])
