@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from orchestration.rundir import COMPLETE
 from orchestration.serve import protocol as P
 from orchestration.serve.engine import BatchedEngine, Row, ServeEngine
+from orchestration.serve.logprob_format import chat_logprobs, completion_logprobs
 from rlhf.config import Config, ServeConfig
 
 log = logging.getLogger(__name__)
@@ -96,13 +97,14 @@ class OpenAIServer:
         self._authorize(request)
         req = await self._parse(request, P.CompletionRequest)
         prompts = self._prompt_ids(req.prompt)
-        rows = self._rows(req, prompts, req.max_tokens)
+        rows = self._rows(req, prompts, req.max_tokens, req.logprobs, bool(req.echo))
         rid, created = P.new_id("cmpl"), P.now()
         if req.stream:
             return _sse(self._stream_completion(req, rows, prompts, rid, created))
-        texts, reasons, usage = await self._collect(rows, prompts)
-        choices = [P.CompletionChoice(index=i, text=t, finish_reason=r)
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        texts, reasons, entries, usage = await self._collect(rows, prompts)
+        choices = [P.CompletionChoice(index=i, text=t, finish_reason=r,
+                                      logprobs=self._completion_logprobs(row, e))
+                   for i, (row, t, r, e) in enumerate(zip(rows, texts, reasons, entries))]
         return P.CompletionResponse(id=rid, created=created, model=self.model_name,
                                     choices=choices, usage=usage).model_dump()
 
@@ -114,13 +116,14 @@ class OpenAIServer:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         prompts = [self.engine.encode(self.engine.render_chat(messages))]
-        rows = self._rows(req, prompts, req.token_budget())
+        rows = self._rows(req, prompts, req.token_budget(), req.alternatives())
         rid, created = P.new_id("chatcmpl"), P.now()
         if req.stream:
             return _sse(self._stream_chat(req, rows, prompts, rid, created))
-        texts, reasons, usage = await self._collect(rows, prompts)
-        choices = [P.ChatChoice(index=i, message=P.AssistantMessage(content=t), finish_reason=r)
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        texts, reasons, entries, usage = await self._collect(rows, prompts)
+        choices = [P.ChatChoice(index=i, message=P.AssistantMessage(content=t), finish_reason=r,
+                                logprobs=self._chat_logprobs(row, e))
+                   for i, (row, t, r, e) in enumerate(zip(rows, texts, reasons, entries))]
         return P.ChatResponse(id=rid, created=created, model=self.model_name,
                               choices=choices, usage=usage).model_dump()
 
@@ -164,7 +167,8 @@ class OpenAIServer:
             return [self.engine.check_ids(prompt)]
         return [self.engine.check_ids(p) for p in prompt]
 
-    def _rows(self, req, prompts: list[list[int]], max_tokens: int | None) -> list[Row]:
+    def _rows(self, req, prompts: list[list[int]], max_tokens: int | None,
+              logprobs: int | None = None, echo: bool = False) -> list[Row]:
         n = req.n or 1
         if len(prompts) * n > P.MAX_ROWS:
             raise P.APIError(400, f"prompts x n = {len(prompts) * n} exceeds {P.MAX_ROWS}", param="n")
@@ -177,26 +181,35 @@ class OpenAIServer:
             for j in range(n):
                 # Choice k of a seeded request always gets seed + k: reproducible per choice.
                 seed = None if req.seed is None else req.seed + i * n + j
-                rows.append(Row(ids, budget, temperature, top_p, stop, seed))
+                rows.append(Row(ids, budget, temperature, top_p, stop, seed, logprobs, echo))
         return rows
+
+    def _completion_logprobs(self, row: Row, entries) -> P.CompletionLogprobs | None:
+        return None if row.logprobs is None else completion_logprobs(entries, self.engine.token_text)
+
+    def _chat_logprobs(self, row: Row, entries) -> P.ChatLogprobs | None:
+        return None if row.logprobs is None else chat_logprobs(entries, self.engine.token_text)
 
     async def _collect(self, rows: list[Row], prompts: list[list[int]]):
         texts, reasons, tokens = [""] * len(rows), [None] * len(rows), [0] * len(rows)
+        entries: list[list] = [[] for _ in rows]
         async for deltas in self.batcher.run(rows):
             for i, d in enumerate(deltas):
                 if d is not None:
                     texts[i] += d.text
                     tokens[i] = d.tokens
                     reasons[i] = d.finish_reason or reasons[i]
-        return texts, reasons, _usage(prompts, tokens)
+                    entries[i] += d.logprobs
+        return texts, reasons, entries, _usage(prompts, tokens)
 
     async def _stream_completion(self, req, rows, prompts, rid, created) -> AsyncIterator[str]:
         tokens = [0] * len(rows)
         async for deltas in self.batcher.run(rows):
             for i, d in enumerate(deltas):
-                if d is not None and (d.text or d.finish_reason):
+                if d is not None and (d.text or d.finish_reason or d.logprobs):
                     tokens[i] = d.tokens
-                    choice = P.CompletionChoice(index=i, text=d.text, finish_reason=d.finish_reason)
+                    choice = P.CompletionChoice(index=i, text=d.text, finish_reason=d.finish_reason,
+                                                logprobs=self._completion_logprobs(rows[i], d.logprobs))
                     yield P.sse(P.CompletionResponse(id=rid, created=created, model=self.model_name,
                                                      choices=[choice]))
         if req.stream_options and req.stream_options.include_usage:
@@ -212,10 +225,11 @@ class OpenAIServer:
         tokens = [0] * len(rows)
         async for deltas in self.batcher.run(rows):
             for i, d in enumerate(deltas):
-                if d is not None and (d.text or d.finish_reason):
+                if d is not None and (d.text or d.finish_reason or d.logprobs):
                     tokens[i] = d.tokens
                     delta = P.ChatDelta(content=d.text or None)
-                    yield chunk([P.ChatChunkChoice(index=i, delta=delta, finish_reason=d.finish_reason)])
+                    yield chunk([P.ChatChunkChoice(index=i, delta=delta, finish_reason=d.finish_reason,
+                                                   logprobs=self._chat_logprobs(rows[i], d.logprobs))])
         if req.stream_options and req.stream_options.include_usage:
             yield chunk([], _usage(prompts, tokens))
 

@@ -11,17 +11,17 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MAX_N = 16      # choices per prompt
 MAX_ROWS = 32   # prompts x n per request: bounds one request's share of a batch
 MAX_STOP = 4    # OpenAI's limit on stop sequences
+MAX_LOGPROBS = 5  # top alternatives per token (OpenAI's completions limit; its chat allows 20)
 
 # field -> values that mean "feature not requested" (anything else is refused).
 UNSUPPORTED: dict[str, tuple] = {
-    "echo": (None, False), "logprobs": (None, False), "top_logprobs": (None,),
     "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
@@ -65,6 +65,7 @@ class StreamOptions(BaseModel):
 
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    unsupported: ClassVar[dict[str, tuple]] = UNSUPPORTED
 
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
@@ -80,9 +81,11 @@ class _Request(BaseModel):
     @classmethod
     def _refuse_unsupported(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for key, allowed in UNSUPPORTED.items():
+            for key, allowed in cls.unsupported.items():
                 if key in data and not any(_same(data[key], a) for a in allowed):
-                    raise ValueError(f"{key}={data[key]!r} is not supported by this server")
+                    # An APIError passes through pydantic, so the 400 can name the field.
+                    raise APIError(400, f"{key}={data[key]!r} is not supported by this server",
+                                   param=key, code="unsupported_value")
         return data
 
     def stop_list(self) -> tuple[str, ...]:
@@ -102,8 +105,20 @@ def _same(value: Any, allowed: Any) -> bool:
 
 
 class CompletionRequest(_Request):
+    # Chat's name for the alternatives count; here it is `logprobs`.
+    unsupported: ClassVar[dict[str, tuple]] = {**UNSUPPORTED, "top_logprobs": (None,)}
+
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions; 0 with echo
+    echo: bool | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _zero_tokens_only_to_score(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens: 0 generates nothing; it is only allowed with echo: true "
+                           "(to score the prompt)", param="max_tokens", code="invalid_value")
+        return self
 
 
 class TextPart(BaseModel):
@@ -123,12 +138,27 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(_Request):
+    unsupported: ClassVar[dict[str, tuple]] = {**UNSUPPORTED, "echo": (None, False)}
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)             # None: what the context leaves
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> ChatRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs",
+                           code="invalid_value")
+        return self
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def alternatives(self) -> int | None:
+        """Top alternatives per token when logprobs are asked for, else None."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # ---- responses -------------------------------------------------------------------
@@ -139,10 +169,18 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per token (echoed prompt first)."""
+    tokens: list[str]
+    token_logprobs: list[float | None]             # None: the prompt's first token
+    top_logprobs: list[dict[str, float] | None]    # top alternatives and the chosen token
+    text_offset: list[int]                         # where each token's text starts in `text`
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -160,10 +198,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # the token text's UTF-8 bytes
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]  # the most likely alternatives, most likely first
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -184,7 +236,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 

@@ -3,7 +3,8 @@
 The served model is a randomly initialised tiny GPT-2, so texts are gibberish;
 the checks are about the API's contract: greedy output equals transformers'
 own greedy `generate`, seeds reproduce, streaming concatenates to the same text,
-stop strings cut where they first occur, usage counts tokens, errors are 4xx.
+stop strings cut where they first occur, usage counts tokens, errors are 4xx,
+logprobs (and echoed prompts' logprobs) are the model's own log-softmax.
 """
 import json
 
@@ -172,7 +173,7 @@ BAD = {  # name -> (body bytes, expected status)
     "temperature too high": (json.dumps({"model": "tiny-e2e", "prompt": "a", "temperature": 9}).encode(), 400),
     "token id outside vocab": (json.dumps({"model": "tiny-e2e", "prompt": [5, 99999]}).encode(), 400),
     "empty stop": (json.dumps({"model": "tiny-e2e", "prompt": "a", "stop": [""]}).encode(), 400),
-    "unsupported logprobs": (json.dumps({"model": "tiny-e2e", "prompt": "a", "logprobs": 3}).encode(), 400),
+    "unsupported best_of": (json.dumps({"model": "tiny-e2e", "prompt": "a", "best_of": 3}).encode(), 400),
     "body too large": (json.dumps({"model": "tiny-e2e", "prompt": "a" * MAX_BODY_BYTES}).encode(), 413),
 }
 
@@ -202,3 +203,164 @@ def test_unknown_route_and_method(endpoint):
     assert r.status_code == 404 and "error" in r.json()
     r = requests.get(endpoint.url + "/v1/completions", headers=endpoint.headers, timeout=10)
     assert r.status_code == 405 and "error" in r.json()
+
+
+# ---- logprobs ---------------------------------------------------------------------------
+
+def _log_softmax(model, ids):
+    """One pass over the whole sequence, no cache, no padding: [len(ids), V]."""
+    with torch.no_grad():
+        return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+
+
+def _greedy(model, tok, ids, n):
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    return out[0, len(ids):].tolist()
+
+
+def _text(tok, token):
+    return tok.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def test_completion_logprobs_are_the_models_log_softmax(endpoint, reference):
+    model, tok = reference
+    ids = tok.encode(PROMPT)
+    r = complete(endpoint, prompt=PROMPT, max_tokens=10, temperature=0, logprobs=3)
+    lp, n = r.choices[0].logprobs, r.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    new = _greedy(model, tok, ids, 10)
+    assert lp.tokens == [_text(tok, t) for t in new]
+    full = _log_softmax(model, ids + new)
+    for k, token in enumerate(new):
+        want = full[len(ids) + k - 1]
+        # raw, not the sampler's: a greedy token's logprob under its point mass would be 0
+        assert abs(lp.token_logprobs[k] - float(want[token])) < 1e-4
+        top = lp.top_logprobs[k]
+        assert list(top.values()) == sorted(top.values(), reverse=True)
+        assert lp.tokens[k] in top  # greedy: the chosen token is the most likely one
+        # keys are texts: tokens that decode alike (half characters) share one entry
+        best = want.topk(3).values.tolist()
+        assert 1 <= len(top) <= 3 and abs(max(top.values()) - best[0]) < 1e-4
+        assert all(min(abs(v - b) for b in best) < 1e-4 for v in top.values())
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert all(o <= len(r.choices[0].text) for o in lp.text_offset)
+
+
+def test_sampled_completion_logprobs_hold_the_chosen_token(endpoint):
+    r = complete(endpoint, prompt=PROMPT, max_tokens=12, seed=5, temperature=1.5, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == r.usage.completion_tokens
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0 and token in top and len(top) <= 3  # 3: the chosen token was not top-2
+        assert list(top.values()) == sorted(top.values(), reverse=True)
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt(endpoint, reference):
+    model, tok = reference
+    ids = tok.encode(TASK)
+    r = complete(endpoint, prompt=ids, max_tokens=0, echo=True, logprobs=1, n=2)
+    full = _log_softmax(model, ids)
+    for choice in r.choices:
+        lp = choice.logprobs
+        assert choice.text == TASK and choice.finish_reason == "length"
+        assert lp.tokens == [_text(tok, t) for t in ids]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        got = torch.tensor(lp.token_logprobs[1:])
+        torch.testing.assert_close(got, full[torch.arange(len(ids) - 1), ids[1:]], atol=1e-4, rtol=0)
+        for k, top in enumerate(lp.top_logprobs[1:]):
+            assert abs(max(top.values()) - float(full[k].max())) < 1e-4
+        assert [TASK[o:o + len(t)] for o, t in zip(lp.text_offset, lp.tokens)] == lp.tokens
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
+    # lm-evaluation-harness's request: echo, one token, logprobs 1; the continuation's scores
+    # are the prompt's positions after the context
+    ctx = tok.encode("Instruction: reverse the words")
+    assert ids[:len(ctx)] == ctx
+    lm = complete(endpoint, prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0).choices[0]
+    assert lm.text.startswith(TASK) and len(lm.logprobs.tokens) == len(ids) + 1
+    assert sum(lm.logprobs.token_logprobs[len(ctx):-1]) == pytest.approx(
+        float(full[torch.arange(len(ctx) - 1, len(ids) - 1), ids[len(ctx):]].sum()), abs=1e-3)
+
+
+def test_echo_text_prompt_then_completion(endpoint):
+    plain = complete(endpoint, prompt=PROMPT, max_tokens=6, seed=3, logprobs=0)
+    echoed = complete(endpoint, prompt=PROMPT, max_tokens=6, seed=3, logprobs=0, echo=True)
+    text, lp = echoed.choices[0].text, echoed.choices[0].logprobs
+    assert text == PROMPT + plain.choices[0].text
+    k = len(lp.tokens) - len(plain.choices[0].logprobs.tokens)
+    assert lp.tokens[k:] == plain.choices[0].logprobs.tokens
+    assert lp.text_offset[k:] == [o + len(PROMPT) for o in plain.choices[0].logprobs.text_offset]
+    assert all(len(t) == 1 for t in lp.top_logprobs[k:])  # logprobs 0: the chosen token only
+    assert complete(endpoint, prompt=PROMPT, max_tokens=2, echo=True).choices[0].logprobs is None
+
+
+def test_chat_logprobs_with_top_logprobs(endpoint, reference):
+    model, tok = reference
+    r = chat(endpoint, TASK, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    ids = tok.encode(TASK)  # the tiny chat template renders a user message verbatim
+    new = _greedy(model, tok, ids, 8)
+    assert len(content) == r.usage.completion_tokens == len(new)
+    full = _log_softmax(model, ids + new)
+    for k, (item, token) in enumerate(zip(content, new)):
+        want = full[len(ids) + k - 1]
+        assert item.token == _text(tok, token) and item.bytes == list(item.token.encode("utf-8"))
+        assert abs(item.logprob - float(want[token])) < 1e-4
+        assert len(item.top_logprobs) == 2 and item.top_logprobs[0].token == item.token
+        torch.testing.assert_close(torch.tensor([t.logprob for t in item.top_logprobs]),
+                                   want.topk(2).values, atol=1e-4, rtol=0)
+    assert chat(endpoint, TASK, max_tokens=3, logprobs=True).choices[0].logprobs.content[0].top_logprobs == []
+    assert chat(endpoint, TASK, max_tokens=3).choices[0].logprobs is None
+
+
+def test_streamed_logprobs_concatenate_to_the_whole(endpoint):
+    kw = dict(prompt=PROMPT, max_tokens=12, seed=21, logprobs=2, echo=True)
+    whole = complete(endpoint, **kw).choices[0]
+    chunks = [c.choices[0] for c in complete(endpoint, stream=True, **kw) if c.choices]
+    assert len(chunks) > 2 and chunks[0].text == PROMPT  # the echo comes first, then token by token
+    parts = [c.logprobs for c in chunks]
+    assert "".join(c.text for c in chunks) == whole.text
+    for field in ("tokens", "text_offset"):
+        assert sum((getattr(p, field) for p in parts), []) == getattr(whole.logprobs, field)
+    streamed = sum((p.token_logprobs for p in parts), [])
+    assert streamed[0] is None and whole.logprobs.token_logprobs[0] is None
+    assert streamed[1:] == pytest.approx(whole.logprobs.token_logprobs[1:], abs=1e-4)
+    assert [t and list(t) for p in parts for t in p.top_logprobs] == \
+        [t and list(t) for t in whole.logprobs.top_logprobs]
+
+    whole_chat = chat(endpoint, TASK, max_tokens=10, seed=8, logprobs=True, top_logprobs=1).choices[0]
+    items = [i for c in chat(endpoint, TASK, max_tokens=10, seed=8, logprobs=True, top_logprobs=1,
+                             stream=True) if c.choices and c.choices[0].logprobs
+             for i in c.choices[0].logprobs.content]
+    assert [i.token for i in items] == [i.token for i in whole_chat.logprobs.content]
+    assert [i.logprob for i in items] == pytest.approx([i.logprob for i in whole_chat.logprobs.content],
+                                                       abs=1e-4)
+
+
+LOGPROB_BAD = {  # name -> (route, extra body fields, the param the 400 names)
+    "logprobs over 5": ("completions", {"logprobs": 6}, "logprobs"),
+    "logprobs negative": ("completions", {"logprobs": -1}, "logprobs"),
+    "logprobs as bool": ("completions", {"logprobs": True}, "logprobs"),
+    "echo as int": ("completions", {"echo": 1}, "echo"),
+    "max_tokens 0 without echo": ("completions", {"max_tokens": 0}, "max_tokens"),
+    "max_tokens negative with echo": ("completions", {"max_tokens": -1, "echo": True}, "max_tokens"),
+    "top_logprobs on completions": ("completions", {"top_logprobs": 2}, "top_logprobs"),
+    "top_logprobs over 5": ("chat/completions", {"logprobs": True, "top_logprobs": 6}, "top_logprobs"),
+    "top_logprobs without logprobs": ("chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    "top_logprobs with logprobs false": ("chat/completions", {"logprobs": False, "top_logprobs": 0},
+                                         "top_logprobs"),
+    "chat logprobs as int": ("chat/completions", {"logprobs": 1}, "logprobs"),
+    "echo on chat": ("chat/completions", {"echo": True}, "echo"),
+    "chat max_tokens 0": ("chat/completions", {"max_tokens": 0, "logprobs": True}, "max_tokens"),
+}
+
+
+@pytest.mark.parametrize("name", list(LOGPROB_BAD))
+def test_bad_logprob_requests_are_400_naming_the_field(endpoint, name):
+    route, extra, param = LOGPROB_BAD[name]
+    base = {"model": endpoint.model, "max_tokens": 2}
+    base.update({"prompt": "a"} if route == "completions" else {"messages": [{"role": "user", "content": "a"}]})
+    r = requests.post(f"{endpoint.url}/v1/{route}", headers=endpoint.headers, timeout=30, json={**base, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.text
+    assert complete(endpoint, prompt="a", max_tokens=1, logprobs=1).choices[0].logprobs.tokens
