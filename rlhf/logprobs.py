@@ -37,13 +37,31 @@ class RawLogprobs:
         return RawLogprobs(self.chosen[index], self.top_ids[index], self.top_logprobs[index])
 
 
+# Positions (rows x padded width) per scoring pass: all-position logits are [positions, V]
+# floats, about 1.6 GB at 8192 positions and GPT-2's 50k vocabulary.
+MAX_POSITIONS = 8192
+
+
 @torch.no_grad()
-def prompt_logprobs(model, prompts: Sequence[Sequence[int]], k: int, pad_id: int) -> list[RawLogprobs]:
+def prompt_logprobs(model, prompts: Sequence[Sequence[int]], k: int, pad_id: int,
+                    max_positions: int = MAX_POSITIONS) -> list[RawLogprobs]:
     """Each prompt's tokens 1.. under the model given the tokens before them ([len - 1] each).
 
-    One left-padded forward pass over all positions, no cache; the first token
-    has nothing to condition on, so it has no entry.
+    Left-padded forward passes over all positions, no cache, as many prompts per
+    pass as `max_positions` allows (at least one); the first token has nothing to
+    condition on, so it has no entry.
     """
+    out: list[RawLogprobs] = []
+    group: list[Sequence[int]] = []
+    for p in prompts:
+        if group and (len(group) + 1) * max(map(len, group + [p])) > max_positions:
+            out += _score(model, group, k, pad_id)
+            group = []
+        group.append(p)
+    return out + (_score(model, group, k, pad_id) if group else [])
+
+
+def _score(model, prompts: Sequence[Sequence[int]], k: int, pad_id: int) -> list[RawLogprobs]:
     from rlhf.decoding import left_pad  # decoding imports this module
 
     device = next(model.parameters()).device

@@ -196,6 +196,7 @@ class ServeEngine:
         keys = list(want)
         raws = prompt_logprobs(self.model, keys, max(want.values(), default=0), self.pad_id) if keys else []
         scores = {key: _scored(raw) for key, raw in zip(keys, raws)}
+        offsets = {key: prefix_offsets(self.tokenizer, key) for key in keys}
         out = []
         for r in rows:
             reason = "length" if r.max_tokens == 0 else None
@@ -205,9 +206,9 @@ class ServeEngine:
             ids = list(r.prompt_ids)
             entries: tuple[TokenLogprob, ...] = ()
             if r.logprobs is not None:
-                offsets = prefix_offsets(self.tokenizer, ids)
-                infos = [None] + [Scored(s.logprob, s.top[:r.logprobs]) for s in scores[tuple(ids)]]
-                entries = tuple(TokenLogprob(t, info, o) for t, info, o in zip(ids, infos, offsets))
+                key = tuple(ids)
+                infos = [None] + [Scored(s.logprob, s.top[:r.logprobs]) for s in scores[key]]
+                entries = tuple(TokenLogprob(t, info, o) for t, info, o in zip(ids, infos, offsets[key]))
             out.append(Delta(decode(self.tokenizer, ids), reason, 0, entries))
         return out
 

@@ -36,3 +36,7 @@ def test_prompt_logprobs_equal_each_prompt_alone(tiny):
             full = torch.log_softmax(model(input_ids=torch.tensor([p])).logits[0].float(), -1)
         torch.testing.assert_close(raw.chosen, full[torch.arange(len(p) - 1), p[1:]], atol=1e-4, rtol=0)
         torch.testing.assert_close(raw.top_logprobs, full[:-1].topk(3).values, atol=1e-4, rtol=0)
+    # in passes of at most 8 positions (one prompt alone when it is longer): the same scores
+    for a, b in zip(prompt_logprobs(model, prompts, 3, tok.pad_token_id, max_positions=8), got):
+        torch.testing.assert_close(a.chosen, b.chosen, atol=1e-5, rtol=0)
+        assert torch.equal(a.top_ids, b.top_ids)
