@@ -29,9 +29,3 @@ def connect(cfg: Config) -> None:
         num_cpus = cfg.resources.num_cpus
         log.info("starting a local Ray cluster (%s CPUs)", num_cpus or "all")
         ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=False)
-
-
-def cpu_share(actors: int) -> float:
-    """A fractional CPU request so `actors` actors fit beside each other on a small machine."""
-    total = ray.cluster_resources().get("CPU", 1.0)
-    return max(0.01, min(1.0, total / max(actors, 1) / 2))
