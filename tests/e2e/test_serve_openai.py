@@ -270,10 +270,12 @@ def test_echo_with_max_tokens_zero_scores_the_prompt(endpoint, reference):
         torch.testing.assert_close(got, full[torch.arange(len(ids) - 1), ids[1:]], atol=1e-4, rtol=0)
         for k, top in enumerate(lp.top_logprobs[1:]):
             assert abs(max(top.values()) - float(full[k].max())) < 1e-4
+            # lm-evaluation-harness's is_greedy: the token's logprob is the top one exactly
+            assert (lp.token_logprobs[k + 1] == max(top.values())) == (ids[k + 1] == int(full[k].argmax()))
         assert [TASK[o:o + len(t)] for o, t in zip(lp.text_offset, lp.tokens)] == lp.tokens
     assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
-    # lm-evaluation-harness's request: echo, one token, logprobs 1; the continuation's scores
-    # are the prompt's positions after the context
+    # lm-evaluation-harness's request (echo, max_tokens 1, logprobs 1): it sums the
+    # continuation's positions after the context, less the generated token
     ctx = tok.encode("Instruction: reverse the words")
     assert ids[:len(ctx)] == ctx
     lm = complete(endpoint, prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0).choices[0]
