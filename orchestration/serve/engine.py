@@ -149,10 +149,11 @@ class ServeEngine:
         """
         gens = [torch.Generator().manual_seed((secrets.randbits(63) if r.seed is None else r.seed)
                                               % 2**64) for r in rows]
-        texts = [RowText(self.tokenizer, r.stop) for r in rows]
-        if any(r.echo or r.max_tokens == 0 for r in rows):
-            first = self._prompt_step(rows)
-            texts = [RowText(self.tokenizer, r.stop, base=len(d.text)) for r, d in zip(rows, first)]
+        first = self._prompt_step(rows) if any(r.echo or r.max_tokens == 0 for r in rows) else None
+        # An echoed prompt's text comes first: completion offsets count from its end.
+        bases = [len(d.text) for d in first] if first else [0] * len(rows)
+        texts = [RowText(self.tokenizer, r.stop, base=b) for r, b in zip(rows, bases)]
+        if first:
             yield first
         live = [i for i, r in enumerate(rows) if r.max_tokens > 0]
         if not live:
@@ -187,14 +188,11 @@ class ServeEngine:
 
     def _prompt_step(self, rows: Sequence[Row]) -> list[Delta]:
         """The echoed prompts (with their logprobs where asked); max_tokens-0 rows end here."""
-        # One scoring pass per distinct prompt, at the most alternatives any of its rows asked for.
-        want: dict[tuple[int, ...], int] = {}
-        for r in rows:
-            if r.echo and r.logprobs is not None:
-                key = tuple(r.prompt_ids)
-                want[key] = max(want.get(key, 0), r.logprobs)
-        keys = list(want)
-        raws = prompt_logprobs(self.model, keys, max(want.values(), default=0), self.pad_id) if keys else []
+        # Each distinct prompt scored once (n choices share one), at the most alternatives any row asked.
+        asking = [r for r in rows if r.echo and r.logprobs is not None]
+        keys = list(dict.fromkeys(tuple(r.prompt_ids) for r in asking))
+        k = max((r.logprobs for r in asking), default=0)
+        raws = prompt_logprobs(self.model, keys, k, self.pad_id) if keys else []
         scores = {key: _scored(raw) for key, raw in zip(keys, raws)}
         offsets = {key: prefix_offsets(self.tokenizer, key) for key in keys}
         out = []
