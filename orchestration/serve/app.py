@@ -3,9 +3,9 @@
 Routes: POST /v1/completions, POST /v1/chat/completions (both stream with
 `stream: true`; both report the model's raw logprobs when asked: `logprobs` and
 `echo` for completions, `logprobs`/`top_logprobs` for chat), GET /v1/models,
-GET /health (open, for load balancers; the others need `Authorization: Bearer <key>` when a key is configured in
-serve.api_key or the env INSTRUCTRAY_API_KEY). Binds serve.host (127.0.0.1 by
-default). The HF engine runs on the CPU; `vllm_app` is the GPU path.
+GET /health (open, for load balancers; the others need `Authorization: Bearer
+<key>` when a key is configured in serve.api_key or the env INSTRUCTRAY_API_KEY).
+Binds serve.host (127.0.0.1 by default). The HF engine runs on the CPU; `vllm_app` is the GPU path.
 """
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type
 # on the route methods (Serve's class-based view does not resolve string annotations).
