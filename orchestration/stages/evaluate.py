@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import os
-import random
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from rlhf.evaluation import (block_losses, bootstrap_ci, group_means, summed_log
 from rlhf.forward import token_logprobs
 from rlhf.models import ScalarModel, load_policy, load_tokenizer
 from rlhf.sampling import SampledChunk, sample_and_score
+from rlhf.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def held_out(cfg: Config, tokenizer) -> HeldOut:
 
 
 def _seed(cfg: Config, label: str) -> int:
-    return random.Random(f"eval/{cfg.run.seed}/{label}").randrange(2**31)
+    return derive_seed(cfg.run.seed, "eval", label)
 
 
 def _device(cfg: Config) -> torch.device:
