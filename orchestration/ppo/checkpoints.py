@@ -42,6 +42,13 @@ def load(ckpt: Path) -> dict[str, dict]:
     return {name: load_state_file(ckpt / name) for name in FILES}
 
 
+def load_latest(stage: StageDir) -> dict[str, dict] | None:
+    """Every file of the newest complete checkpoint, after removing half-written ones; None before the first."""
+    remove_half_written(stage)
+    ckpt = stage.latest_checkpoint()
+    return load(ckpt) if ckpt is not None else None
+
+
 def latest(stage: StageDir, name: str) -> dict | None:
     """One file of the newest complete checkpoint; None before the first."""
     ckpt = stage.latest_checkpoint()

@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any, Callable, Sequence
 
 import ray
+import torch
 
 from actors import WorkerGroup
 from orchestration.ppo.faults import CallLog, FaultHandler, Pending, gather
@@ -173,15 +174,17 @@ class Critics(_Group):
     def train(self, minibatch: Experience) -> Call:
         shards = minibatch.chunk(len(self.group))
         return self._submit(lambda: self.group.call_sharded("train_minibatch", shards),
-                            partial(self._logged, "train_minibatch", shards))
+                            self._logged("train_minibatch", shards))
 
     def end_iteration(self) -> Call:
-        return self._submit(lambda: self.group.call_all("end_iteration"), partial(self._logged, "end_iteration"))
+        return self._submit(lambda: self.group.call_all("end_iteration"), self._logged("end_iteration"))
 
-    def _logged(self, method: str, *shards_and_values: Sequence) -> list:
-        *shards, values = shards_and_values
-        self.calls.record(method, *shards)
-        return values
+    def _logged(self, method: str, *shards: Sequence) -> Callable[[list], list]:
+        """A finish that records the call once it succeeded (a retried one is recorded once)."""
+        def finish(values: list) -> list:
+            self.calls.record(method, *shards)
+            return values
+        return finish
 
     def restart(self, state: dict | None) -> None:
         """A fresh group at `state` (None: the RM's weights), then the calls since replayed."""
@@ -195,6 +198,5 @@ class Critics(_Group):
         self.calls.clear()
 
 
-def _cat(values: list) -> Any:
-    import torch
+def _cat(values: list) -> torch.Tensor:
     return torch.cat(values)

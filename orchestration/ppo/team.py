@@ -104,9 +104,7 @@ class ActorTeam:
             nonlocal states
             self.learners.fresh()
             self._weight_sync = make_sync(self.p.engine, self.learners.group, self.generators.actors)
-            checkpoints.remove_half_written(self.stage)
-            ckpt = self.stage.latest_checkpoint()
-            states = checkpoints.load(ckpt) if ckpt is not None else None
+            states = checkpoints.load_latest(self.stage)
             if states is None:  # back to the start: the critic's initial weights too
                 self.critics.calls.clear()
                 self.critics.restart(None)

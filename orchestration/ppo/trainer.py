@@ -169,16 +169,14 @@ class PPOTrainer:
 
     def _restore(self) -> None:
         """The last complete checkpoint into the learner groups and the driver (none: the start)."""
-        checkpoints.remove_half_written(self.stage)
-        ckpt = self.stage.latest_checkpoint()
-        if ckpt is None:
+        states = checkpoints.load_latest(self.stage)
+        if states is None:
             log.info("no checkpoint in %s; starting from iteration 0", self.stage.checkpoints)
             self._load_driver_state(self._initial_state)
             return
-        states = checkpoints.load(ckpt)
         self.team.load(states)
         self._load_driver_state(states["driver.pt"])
-        log.info("resumed %s at iteration %d from %s", self.stage.path.name, self.iteration, ckpt)
+        log.info("resumed %s at iteration %d", self.stage.path.name, self.iteration)
 
     def _driver_state(self) -> dict:
         return {"iteration": self.iteration, "prompts": self.prompts.state_dict(),
