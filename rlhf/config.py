@@ -72,7 +72,8 @@ class ModelConfig(_Section):
     # paper reports SFT init gives results similar to a fine-tuned GPT-3 init).
     reward: str | None = None
     tiny: TinyModelConfig = TinyModelConfig()
-    # Eval and serve load models in this dtype; training refuses anything but float32 (check_trainable).
+    # Eval and serve load models in this dtype. Training keeps float32 master weights and Adam
+    # state and computes in this dtype (bf16/fp16 mixed precision; fp16 with a loss scaler).
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     trust_remote_code: bool = False
     context_length: int = Field(2048, ge=16)
@@ -135,6 +136,8 @@ class PretrainConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     final_lr_fraction: float = Field(0.1, ge=0, le=1)
     num_workers: int = Field(1, ge=1)
+    # Sequences per forward/backward on one worker (gradient accumulation); None = its whole share.
+    micro_batch_size: int | None = Field(None, ge=1)
 
 
 class SFTConfig(_Section):
@@ -149,6 +152,8 @@ class SFTConfig(_Section):
     # Paper: the final SFT model is chosen by RM score on a validation set.
     select_by_rm: bool = True
     num_workers: int = Field(1, ge=1)
+    # Examples per forward/backward on one worker (gradient accumulation); None = its whole share.
+    micro_batch_size: int | None = Field(None, ge=1)
 
 
 class RMConfig(_Section):
@@ -159,6 +164,8 @@ class RMConfig(_Section):
     final_lr_fraction: float = Field(0.1, ge=0, le=1)
     normalize: bool = True  # bias so labeler demonstrations score 0 on average
     num_workers: int = Field(1, ge=1)
+    # Prompts (each with its K completions) per forward/backward on one worker; None = its whole share.
+    micro_batch_size: int | None = Field(None, ge=1)
 
 
 class PPOConfig(_Section):
@@ -187,6 +194,9 @@ class PPOConfig(_Section):
     engine: Literal["hf", "vllm"] = "hf"
     num_generators: int = Field(1, ge=1)
     num_learners: int = Field(1, ge=1)
+    # Episodes per forward/backward on one learner rank (gradient accumulation within a
+    # minibatch; its ptx rows split alike); None = the rank's whole share of the minibatch.
+    micro_batch_size: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(10, ge=1)
     async_rollouts: bool = False  # not implemented: true is refused for training (check_trainable)
     max_restarts: int = Field(3, ge=0)
@@ -204,6 +214,11 @@ class ResourcesConfig(_Section):
     num_gpus: int = Field(0, ge=0)
     gpus_per_generator: int = Field(1, ge=1)  # tensor parallel size of one vLLM engine
     colocate: bool = False  # not implemented: true is refused for training (check_trainable)
+    # How every learner group (PPO policy and critic, stages 0-2) splits its state: "ddp" keeps a
+    # full replica per rank, "fsdp" shards weights, gradients and Adam state (FSDP2, per block).
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # Recompute each transformer block's activations in backward instead of keeping them.
+    activation_checkpointing: bool = False
 
 
 class ServeConfig(_Section):
@@ -393,6 +408,13 @@ def check_geometry(cfg: Config, check_files: bool = True) -> list[tuple[str, str
         sc = getattr(cfg, stage)
         if sc.batch_size % sc.num_workers:
             p.append((f"{stage}.num_workers", f"{stage}.batch_size ({sc.batch_size}) must be divisible by it"))
+        elif sc.micro_batch_size and (sc.batch_size // sc.num_workers) % sc.micro_batch_size:
+            p.append((f"{stage}.micro_batch_size", f"must divide a worker's share of {stage}.batch_size "
+                      f"({sc.batch_size // sc.num_workers})"))
+    if ppo.micro_batch_size and not ppo.minibatch_size % ppo.num_learners \
+            and (ppo.minibatch_size // ppo.num_learners) % ppo.micro_batch_size:
+        p.append(("ppo.micro_batch_size", f"must divide a learner's share of ppo.minibatch_size "
+                  f"({ppo.minibatch_size // ppo.num_learners})"))
     if ppo.engine == "vllm" and cfg.run.device == "cpu":
         p.append(("ppo.engine", "vllm needs GPUs; use engine hf on the CPU"))
     if cfg.data.source == "files":
@@ -418,9 +440,6 @@ def check_trainable(cfg: Config) -> list[tuple[str, str]]:
     if cfg.ppo.async_rollouts:
         p.append(("ppo.async_rollouts", "not implemented: every iteration samples with the newest "
                   "weights; set it false"))
-    if cfg.model.dtype != "float32":
-        p.append(("model.dtype", "training runs in float32 (mixed precision is not implemented); "
-                  "set model.dtype=float32 to train, other dtypes apply to eval and serve only"))
     return p
 
 
