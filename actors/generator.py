@@ -8,10 +8,17 @@ the engine's checksum, which the driver compares with the learner's.
 `generation_passes` reports the sampling passes of the last call as seen by the
 model itself (hf engine): rows and KV-cache positions of each, so the token
 budget (the out-of-memory guard) is observable from outside the actor.
+
+Colocated with learners on one GPU, a generator sleeps while they train (`sleep`:
+the engine frees its memory) and wakes before it is used (`wake_up`, weights first
+so a sync needs no KV cache beside it). A weight load or a sample wakes what it
+needs by itself, so nothing ever reaches a sleeping engine; `memory_events` is
+the order it all happened in.
 """
 from __future__ import annotations
 
-from typing import Any
+from collections import deque
+from typing import Any, Sequence
 
 import torch
 
@@ -19,6 +26,8 @@ from actors.engines import make_engine
 from actors.resources import configure_threads
 from actors.weight_sync import BucketMeta, resolve_buckets, unpack_buckets
 from rlhf.experience import Rollout
+
+SLEEP_TAGS = ("weights", "kv_cache")  # what an engine frees when it sleeps (vLLM's names)
 
 
 class RolloutGenerator:
@@ -34,6 +43,8 @@ class RolloutGenerator:
         # Version 0 = the weights at policy_path, which the learners also start from.
         self._version = 0
         self._passes: list[tuple[int, int]] = []
+        self._asleep: set[str] = set()
+        self._events: deque[str] = deque(maxlen=256)
         model = getattr(self.engine, "model", None)
         if isinstance(model, torch.nn.Module):
             model.register_forward_pre_hook(self._record_pass, with_kwargs=True)
@@ -50,6 +61,8 @@ class RolloutGenerator:
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> Rollout:
         if len(prompt_ids) != len(prompt_texts):
             raise ValueError(f"{len(prompt_ids)} prompt id lists but {len(prompt_texts)} prompt texts")
+        self.wake_up()
+        self._events.append("sample")
         self._passes = []
         s = self.engine.generate([list(p) for p in prompt_ids], max_new_tokens,
                                  temperature=temperature, top_p=top_p, seed=seed)
@@ -77,7 +90,9 @@ class RolloutGenerator:
         if version < self._version and not rewind:
             raise ValueError(f"weight version {version} is older than the installed {self._version}")
         buffers, immutable = resolve_buckets(buckets)
+        self.wake_up(["weights"])
         self.engine.load_weights(unpack_buckets(buffers, meta).items(), borrow=immutable)
+        self._events.append(f"load {int(version)}")
         self._version = int(version)
         return self.engine.state_checksum()
 
@@ -97,9 +112,38 @@ class RolloutGenerator:
         return self._version
 
     def set_weight_version(self, version: int) -> None:
-        """Record a version installed through an engine-native transport (vLLM NCCL)."""
+        """Record a version installed through an engine-native transport (vLLM NCCL/IPC)."""
         self._version = int(version)
+        self._events.append(f"load {int(version)}")
 
     def call_engine(self, method: str, *args, **kwargs):
         """Engine-specific steps of a transport (e.g. vLLM's weight-transfer handshake)."""
+        self.wake_up(["weights"])  # every such step writes or reads the weights
         return getattr(self.engine, method)(*args, **kwargs)
+
+    # ---- sharing the device with learners ----
+    def sleep(self, level: int = 1) -> None:
+        """Free the engine's device memory until `wake_up` (vLLM level 1: weights to CPU, KV
+        cache dropped). Asleep already: nothing (a retried call is harmless)."""
+        if not self._asleep:
+            self.engine.sleep(level)
+            self._asleep = set(SLEEP_TAGS)
+            self._events.append("sleep")
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Take back the memory of `tags` (default: all); what is awake already is skipped."""
+        unknown = set(tags or ()) - set(SLEEP_TAGS)
+        if unknown:
+            raise ValueError(f"unknown sleep tags {sorted(unknown)}; choose from {SLEEP_TAGS}")
+        waking = [t for t in SLEEP_TAGS if t in self._asleep and (tags is None or t in tags)]
+        if waking:
+            self.engine.wake_up(waking)
+            self._asleep -= set(waking)
+            self._events.append("wake " + ",".join(waking))
+
+    def asleep(self) -> list[str]:
+        return [t for t in SLEEP_TAGS if t in self._asleep]
+
+    def memory_events(self) -> list[str]:
+        """The latest samples, loads ("load v"), sleeps and wakes, oldest first."""
+        return list(self._events)

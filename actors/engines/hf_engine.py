@@ -118,3 +118,18 @@ class HFEngine:
 
     def state_checksum(self) -> str:
         return checksum(self.model.named_parameters())
+
+    # ---- sharing the device with learners (colocation) ----
+    # No KV cache outlives a `generate` call here, so the weights are all there is to free.
+    # On the CPU there is nothing to free: both are no-ops.
+    def sleep(self, level: int = 1) -> None:
+        """Level >= 1 on a GPU: the weights wait in CPU memory (parameters keep their identity)."""
+        if level >= 1 and self.device.type != "cpu":
+            self.model.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # back to the driver, for the other processes on the GPU
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """The weights back on the engine's device ("kv_cache" needs nothing)."""
+        if (tags is None or "weights" in tags) and self.device.type != "cpu":
+            self.model.to(self.device)

@@ -60,6 +60,14 @@ def llm_kwargs(policy_path: str, *, seed: int, tensor_parallel_size: int = 1,
     return kw
 
 
+def colocated_kwargs(gpu_memory_utilization: float) -> dict[str, Any]:
+    """Engine kwargs of a generator that shares its GPU with learners: sleep mode (its memory
+    is theirs while they train), weights over CUDA IPC (NCCL refuses two ranks on one
+    device), and a bounded share of the GPU when awake."""
+    return dict(enable_sleep_mode=True, weight_transfer_backend="ipc",
+                gpu_memory_utilization=gpu_memory_utilization)
+
+
 def sampling_params_kwargs(max_new_tokens: int, temperature: float, top_p: float,
                            seed: int | None, eos_id: int) -> dict[str, Any]:
     """One row's `SamplingParams`: plain sampling (top_k=0 is vLLM's "off"), ids only."""
@@ -291,12 +299,20 @@ class VLLMEngine:
         self._reset_prefix_cache()
 
     # ---- colocated (IPC) mode: free the GPU while the learner trains ----
+    # Needs `LLM(**colocated_kwargs(...))`. The caller wakes what is asleep and nothing else:
+    # vLLM's executor ignores a whole wake_up call that names one tag not asleep.
     def sleep(self, level: int = 1) -> None:
+        """Level 1: weights offloaded to CPU memory, KV cache discarded (no request may be running)."""
         self.llm.sleep(level=level)
 
-    def wake_up(self) -> None:
-        self.llm.wake_up()
-        self._reset_prefix_cache()
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Back on the GPU: `tags` of ("weights", "kv_cache"), or everything. The KV cache comes
+        back empty, so the prefix cache (hashes of what it held) is reset with it."""
+        awake = self.llm.wake_up(tags=None if tags is None else list(tags))
+        if tags is None and not awake:
+            raise RuntimeError("vLLM did not wake up fully")
+        if tags is None or "kv_cache" in tags:
+            self._reset_prefix_cache()
 
     def _reset_prefix_cache(self) -> None:
         if not self.llm.reset_prefix_cache():

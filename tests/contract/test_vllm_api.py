@@ -36,7 +36,11 @@ from vllm.logprobs import append_logprobs_for_next_position, create_sample_logpr
 from vllm.outputs import CompletionOutput, RequestOutput  # noqa: E402
 from vllm.utils.import_utils import resolve_obj_by_qualname  # noqa: E402
 
+from vllm.v1.executor.abstract import SLEEP_TAGS as EXECUTOR_SLEEP_TAGS, Executor  # noqa: E402
+from vllm.v1.worker.gpu_worker import Worker  # noqa: E402
+
 from actors.engines import vllm_engine as ve  # noqa: E402
+from actors.generator import SLEEP_TAGS, RolloutGenerator  # noqa: E402
 from actors import weight_transport_vllm as wt  # noqa: E402
 from actors.weight_sync import checksum  # noqa: E402
 
@@ -241,8 +245,6 @@ def test_engine_weight_update_calls_bind_and_reset_the_prefix_cache(spy_llm, tin
     rpc = llm.collective_rpc.call_args
     assert rpc.args == ("instructray_load_weights",)
     assert checksum(ve.from_wire(rpc.kwargs["args"][0])) == checksum(sent)
-    engine.sleep(1)
-    engine.wake_up()
 
     init_req = llm.init_weight_transfer_engine.call_args.args[0]
     assert isinstance(init_req, WeightTransferInitRequest)
@@ -255,11 +257,103 @@ def test_engine_weight_update_calls_bind_and_reset_the_prefix_cache(spy_llm, tin
     names = [c[0] for c in llm.method_calls]
     after_finish, after_load = names[names.index("finish_weight_update") + 1], names[names.index("collective_rpc", 1) + 1]
     assert after_finish == after_load == "reset_prefix_cache"
-    assert names[-1] == "reset_prefix_cache" and names.count("reset_prefix_cache") == 3
+    assert names[-1] == "reset_prefix_cache" and names.count("reset_prefix_cache") == 2
 
     llm.reset_prefix_cache.return_value = False
     with pytest.raises(RuntimeError, match="prefix cache"):
         engine.finish_weight_update(5)
+
+
+# ---------------------------------------------------------------- colocated: sleep and wake
+
+def test_colocated_kwargs_are_real_engine_args():
+    kw = ve.llm_kwargs("/models/policy", seed=0, **ve.colocated_kwargs(0.3))
+    inspect.signature(LLM.__init__).bind(None, **kw)
+    args = EngineArgs(**kw)
+    assert args.enable_sleep_mode is True and args.gpu_memory_utilization == 0.3
+    assert args.weight_transfer_config.backend == "ipc"
+    assert WeightTransferTrainerFactory._registry["ipc"]() is IPCTrainerWeightTransferEngine
+
+
+def test_our_sleep_tags_are_vllms():
+    assert set(SLEEP_TAGS) == EXECUTOR_SLEEP_TAGS
+    assert "level" in inspect.signature(Worker.sleep).parameters
+    assert "tags" in inspect.signature(Worker.wake_up).parameters
+
+
+def test_engine_sleep_and_wake_bind_and_reset_the_prefix_cache_with_the_kv_cache(spy_llm, tiny_policy_dir):
+    _, llm = spy_llm
+    engine = ve.VLLMEngine(str(tiny_policy_dir), seed=0)
+    llm.reset_prefix_cache.reset_mock()
+    engine.sleep(1)
+    llm.sleep.assert_called_once_with(level=1)
+    engine.wake_up(["weights"])
+    llm.wake_up.assert_called_with(tags=["weights"])
+    llm.reset_prefix_cache.assert_not_called()  # the KV cache is still asleep
+    engine.wake_up(["kv_cache"])
+    llm.wake_up.assert_called_with(tags=["kv_cache"])
+    llm.reset_prefix_cache.assert_called_once_with()
+    engine.wake_up()
+    llm.wake_up.assert_called_with(tags=None)
+    llm.wake_up.return_value = False
+    with pytest.raises(RuntimeError, match="wake up"):
+        engine.wake_up()
+
+
+class _Executor:
+    """The state vLLM's own `Executor.sleep` / `wake_up` keep; only the worker RPC is recorded."""
+    is_sleeping = property(lambda self: bool(self.sleeping_tags))
+
+    def __init__(self):
+        self.sleeping_tags: set[str] = set()
+        self.rpcs: list[tuple[str, dict]] = []
+
+    def collective_rpc(self, method, kwargs=None, args=()):
+        self.rpcs.append((method, kwargs))
+
+
+@pytest.fixture()
+def executor(spy_llm):
+    """The spied LLM's sleep/wake_up run vLLM's real executor bookkeeping."""
+    _, llm = spy_llm
+    ex = _Executor()
+    llm.sleep.side_effect = lambda level=1, mode="abort": Executor.sleep(ex, level)
+    llm.wake_up.side_effect = lambda tags=None: Executor.wake_up(ex, tags) or not ex.sleeping_tags
+    return ex
+
+
+def test_vllm_ignores_a_wake_up_naming_a_tag_that_is_awake(executor):
+    Executor.sleep(executor, 1)
+    Executor.wake_up(executor, ["weights"])
+    Executor.wake_up(executor, ["weights", "kv_cache"])  # why the generator names only what sleeps
+    assert executor.sleeping_tags == {"kv_cache"}
+
+
+def test_generator_sleeps_and_wakes_through_vllms_executor_and_never_loads_asleep(
+        spy_llm, executor, tiny_policy_dir):
+    _, llm = spy_llm
+    g = RolloutGenerator(str(tiny_policy_dir), engine="vllm")
+    g.sleep()
+    g.sleep()  # a retried call: once
+    assert g.asleep() == ["weights", "kv_cache"] and executor.sleeping_tags == EXECUTOR_SLEEP_TAGS
+    g.wake_up(["weights"])
+    g.call_engine("start_weight_update")  # a transport step: the weights are awake already
+    g.set_weight_version(1)
+    g.wake_up()
+    assert executor.sleeping_tags == set() and g.asleep() == []
+    assert executor.rpcs == [("sleep", {"level": 1}), ("wake_up", {"tags": ["weights"]}),
+                             ("wake_up", {"tags": ["kv_cache"]})]
+    # Asleep, a transport step wakes the weights, and a sample everything, by themselves.
+    g.sleep()
+    g.call_engine("start_weight_update")
+    assert executor.sleeping_tags == {"kv_cache"}
+    llm.generate.side_effect = _fake_generate
+    g.generate([[5, 6]], ["p"], max_new_tokens=2, seed=1)
+    assert executor.sleeping_tags == set()
+    assert g.memory_events() == ["sleep", "wake weights", "load 1", "wake kv_cache",
+                                 "sleep", "wake weights", "wake kv_cache", "sample"]
+    with pytest.raises(ValueError, match="unknown sleep tags"):
+        g.wake_up(["scheduling"])
 
 
 def test_state_checksum_needs_all_workers_to_agree(spy_llm, tiny_policy_dir):
