@@ -213,7 +213,9 @@ class ResourcesConfig(_Section):
     num_cpus: float | None = Field(None, gt=0)  # None = what Ray sees
     num_gpus: int = Field(0, ge=0)
     gpus_per_generator: int = Field(1, ge=1)  # tensor parallel size of one vLLM engine
-    colocate: bool = False  # not implemented: true is refused for training (check_trainable)
+    # Every PPO role in one placement group sharing the same devices (rlhf/placement.py); the
+    # generators free their GPU memory while the learners train.
+    colocate: bool = False
     # How every learner group (PPO policy and critic, stages 0-2) splits its state: "ddp" keeps a
     # full replica per rank, "fsdp" shards weights, gradients and Adam state (FSDP2, per block).
     strategy: Literal["ddp", "fsdp"] = "ddp"
@@ -435,8 +437,8 @@ def check_trainable(cfg: Config) -> list[tuple[str, str]]:
     """
     p: list[tuple[str, str]] = []
     if cfg.resources.colocate:
-        p.append(("resources.colocate", "not implemented: each PPO actor group gets GPUs of its own; "
-                  "set it false and give resources.num_gpus what --dry-run asks for"))
+        from rlhf.placement import colocation_problems  # placement reads Config: imported late
+        p += colocation_problems(cfg)
     if cfg.ppo.async_rollouts:
         p.append(("ppo.async_rollouts", "not implemented: every iteration samples with the newest "
                   "weights; set it false"))

@@ -3,6 +3,12 @@
 A CPU share is what Ray reserves for an actor; on a small machine every actor gets an
 equal fraction, so all of them fit at once. Threads follow from the share
 (whole cores, at least one), the same rule every actor applies when it starts.
+
+With `resources.colocate` every role shares the same devices (veRL's hybrid
+placement): one Ray placement group, one bundle per GPU (per device slot on a CPU
+machine), and each bundle split in equal fractions between the actors seated in it,
+at most one actor of a role per bundle, so a group's ranks each have a device of
+their own. The GPUs needed are then the largest role's, not the sum.
 """
 from __future__ import annotations
 
@@ -48,4 +54,70 @@ def actor_specs(cfg: Config, total_cpus: float) -> list[ActorSpec]:
 
 
 def gpus_needed(cfg: Config) -> int:
-    return math.ceil(sum(s.total_gpus for s in actor_specs(cfg, total_cpus=1.0)))
+    totals = [s.total_gpus for s in actor_specs(cfg, total_cpus=1.0)]
+    # Colocated roles take turns on the same GPUs: the largest role sets the count.
+    return math.ceil(max(totals) if cfg.resources.colocate else sum(totals))
+
+
+# ---------------------------------------------------------------- colocation
+
+# What a colocated vLLM engine may take of its shared GPU when awake (weights, KV cache,
+# activations); the learners' weights and optimizer state stay resident beside it.
+COLOCATED_GPU_MEMORY_UTILIZATION = 0.3
+_UNIT = 1e-4  # Ray accounts resources in fixed point of 1/10000: shares are floored to it
+
+
+@dataclass(frozen=True)
+class Seat:
+    """Where one colocated actor runs: its bundle and its share of that bundle."""
+    bundle: int
+    num_cpus: float
+    num_gpus: float
+
+
+@dataclass(frozen=True)
+class ColocatedLayout:
+    bundles: tuple[dict[str, float], ...]           # the placement group's, in order
+    seats: dict[str, tuple[Seat, ...]]              # role -> one per actor, in index order
+    strategy: str = "PACK"  # bundles on as few nodes as possible (a bundle never spans nodes)
+
+
+def _floor(x: float) -> float:
+    return math.floor(x / _UNIT + 1e-6) * _UNIT
+
+
+def colocated_layout(cfg: Config, total_cpus: float) -> ColocatedLayout:
+    """One bundle per device slot; actors seated greedily on the least-filled bundle that
+    holds no actor of their role yet, largest roles first (ties: the lowest bundle)."""
+    specs = actor_specs(cfg, total_cpus)
+    n = max(s.count for s in specs)
+    members: list[list[str]] = [[] for _ in range(n)]
+    where: dict[str, list[int]] = {}
+    for spec in sorted(specs, key=lambda s: -s.count):  # stable: spec order among equals
+        where[spec.role] = []
+        for _ in range(spec.count):
+            b = min((b for b in range(n) if spec.role not in members[b]), key=lambda b: (len(members[b]), b))
+            members[b].append(spec.role)
+            where[spec.role].append(b)
+    on_gpu = cfg.resources.num_gpus > 0
+    seats = {s.role: tuple(Seat(b, _floor(s.num_cpus), _floor(1.0 / len(members[b])) if on_gpu else 0.0)
+                           for b in where[s.role]) for s in specs}
+    cpus = [sum(seat.num_cpus for row in seats.values() for seat in row if seat.bundle == b) for b in range(n)]
+    bundles = tuple({"CPU": round(c, 4)} | ({"GPU": 1.0} if on_gpu else {}) for c in cpus)
+    return ColocatedLayout(bundles, seats)
+
+
+def colocation_problems(cfg: Config) -> list[tuple[str, str]]:
+    """What `resources.colocate` cannot do yet, as (field, why) for check_trainable."""
+    if not cfg.resources.colocate or cfg.resources.num_gpus == 0:
+        return []
+    p: list[tuple[str, str]] = []
+    if cfg.resources.gpus_per_generator > 1:
+        p.append(("resources.gpus_per_generator", "colocation seats one actor of each role on every GPU; "
+                  "a tensor-parallel generator needs whole GPUs: set it to 1 or resources.colocate false"))
+    elif gpus_needed(cfg) > 1:
+        p.append(("resources.colocate", "colocated on more than one GPU is not implemented yet (a learner "
+                  "group's ranks are not pinned to a GPU each, and vLLM's IPC weight transfer would need "
+                  "every learner rank as a sender); use ppo.num_generators=1 and ppo.num_learners=1, or "
+                  "colocate false"))
+    return p

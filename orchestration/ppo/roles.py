@@ -43,12 +43,17 @@ def _sharded_forward(group: WorkerGroup, method: str, rollout: Rollout) -> list[
 
 
 class Generators:
-    """The rollout generators: each samples an even share of the prompts with seed + its index."""
+    """The rollout generators: each samples an even share of the prompts with seed + its index.
+
+    `sleeps` (colocated roles): `sleep` frees the engines' GPU memory for the learners and
+    `wake` takes it back; a generator wakes by itself for a weight load or a sample, so
+    no path (a rewind, a restart) can load weights into a sleeping engine.
+    """
     role = "generator"
 
     def __init__(self, faults: FaultHandler, make: Callable[[int], Any], count: int, tokenizer,
-                 max_new_tokens: int, temperature: float, top_p: float):
-        self.faults, self.make, self.tok = faults, make, tokenizer
+                 max_new_tokens: int, temperature: float, top_p: float, sleeps: bool = False):
+        self.faults, self.make, self.tok, self.sleeps = faults, make, tokenizer, sleeps
         self.sampling = (max_new_tokens, temperature, top_p)
         self.actors = [make(i) for i in range(count)]
         self.passes: list[tuple[int, int]] = []  # (rows, KV positions) of the last call's passes
@@ -69,6 +74,22 @@ class Generators:
         parts = [call.get()[0] for call in calls]
         self.passes = [p for _, passes in parts for p in passes]
         return Rollout.concat([rollout for rollout, _ in parts])
+
+    def sleep(self, level: int = 1) -> None:
+        """Every engine frees its GPU memory (level 1: weights to CPU, KV cache dropped)."""
+        if self.sleeps:
+            self._all(lambda a: a.sleep.remote(level))
+
+    def wake(self, tags: Sequence[str] | None = None) -> None:
+        """Every engine takes back its memory: `tags` ("weights", "kv_cache") or all of it."""
+        if self.sleeps:
+            tags = None if tags is None else list(tags)
+            self._all(lambda a: a.wake_up.remote(tags))
+
+    def _all(self, call: Callable[[Any], ray.ObjectRef]) -> None:
+        """`call` on every generator; a lost one is restarted (awake, synced) and the call retried."""
+        indices = list(range(len(self.actors)))
+        self.faults.submit(self.role, lambda: [call(self.actors[i]) for i in indices], indices).get()
 
     def restart(self, i: int) -> None:
         """A fresh generator i (the initial policy); the team syncs it before it samples."""

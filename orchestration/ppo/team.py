@@ -14,10 +14,16 @@ what `--dry-run` prints) and wires their restarts into one `FaultHandler`:
 
 `ppo.max_restarts` bounds restarts between two completed iterations, so a role
 that keeps dying stops the run instead of looping.
+
+With `resources.colocate` every actor is seated in one placement group
+(`rlhf.placement.colocated_layout`: a bundle per GPU, split in equal fractions), and
+the generators sleep (free their GPU memory) while the other roles score and learn.
 """
 from __future__ import annotations
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors import (CriticLearner, PolicyLearner, ReferenceScorer, RewardScorer, RolloutGenerator,
                     WorkerGroup, actor_class)
@@ -27,48 +33,104 @@ from orchestration.ppo.roles import Critics, Generators, Learners, Scorer
 from orchestration.ppo.weight_sync import make_sync
 from orchestration.rundir import StageDir
 from rlhf.config import Config
-from rlhf.placement import ActorSpec, actor_specs
+from rlhf.placement import COLOCATED_GPU_MEMORY_UTILIZATION, actor_specs, colocated_layout
 from rlhf.seeds import derive_seed
+
+PLACEMENT_TIMEOUT_S = 120.0  # a colocated placement group that is not ready by then does not fit
 
 
 class ActorTeam:
     def __init__(self, cfg: Config, stage: StageDir, policy: str, reward_model: str, tokenizer):
         self.cfg, self.p, self.stage = cfg, cfg.ppo, stage
         self.policy, self.reward_model = policy, reward_model
-        self.specs = {s.role: s for s in actor_specs(cfg, ray.cluster_resources().get("CPU", 1.0))}
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        self.specs = {s.role: s for s in actor_specs(cfg, cpus)}
+        self.layout = colocated_layout(cfg, cpus) if cfg.resources.colocate else None
+        self.placement_group = self._placement_group()
         self.faults = FaultHandler(self.p.max_restarts, {
             "generator": self._restart_generator, "reward": lambda _: self.reward.restart(),
             "reference": lambda _: self.reference.restart(),
             "critic": lambda _: self.critics.restart(checkpoints.latest(stage, "critic.pt"))})
         self.generators = Generators(self.faults, self._generator, self.specs["generator"].count, tokenizer,
-                                     cfg.model.max_response_tokens, self.p.temperature, self.p.top_p)
+                                     cfg.model.max_response_tokens, self.p.temperature, self.p.top_p,
+                                     sleeps=cfg.resources.colocate)
         self.reward = Scorer("reward", "score", self.faults, lambda: self._actor(
-            RewardScorer, "reward", self.reward_model))
+            RewardScorer, "reward", 0, self.reward_model))
         self.reference = Scorer("reference", "logprobs", self.faults, lambda: self._actor(
-            ReferenceScorer, "reference", self.policy, temperature=self.p.temperature))
+            ReferenceScorer, "reference", 0, self.policy, temperature=self.p.temperature))
+        self._seated_before_groups()
         self.critics = Critics(self.faults, lambda: self._group(CriticLearner, "critic", self.reward_model))
         self.learners = Learners(self.faults, lambda: self._group(PolicyLearner, "learner", self.policy))
-        self._weight_sync = make_sync(self.p.engine, self.learners.group, self.generators.actors)
+        self._weight_sync = self._make_sync()
         self.last_sync: dict = {}
 
     # ---- construction ---------------------------------------------------------------
-    def _options(self, role: str) -> tuple[ActorSpec, dict]:
-        spec = self.specs[role]
-        return spec, {"num_threads": spec.num_threads, "device": self.cfg.run.device}
+    def _placement_group(self):
+        """Colocated: the one placement group every role is seated in (None: each actor alone)."""
+        if self.layout is None:
+            return None
+        pg = placement_group(list(self.layout.bundles), strategy=self.layout.strategy)
+        if not pg.wait(timeout_seconds=PLACEMENT_TIMEOUT_S):
+            remove_placement_group(pg)
+            raise RuntimeError(f"the colocated placement group {list(self.layout.bundles)} did not fit the "
+                               f"cluster ({ray.cluster_resources()}) within {PLACEMENT_TIMEOUT_S} s")
+        return pg
 
-    def _actor(self, cls: type, role: str, *args, **kwargs):
-        spec, common = self._options(role)
-        return actor_class(cls, spec.num_cpus, spec.num_gpus).remote(*args, **common, **kwargs)
+    def _seat(self, role: str, index: int | None) -> tuple[float, float, dict]:
+        """(num_cpus, num_gpus, Ray options) of actor `index` of `role`; None: every rank of a group."""
+        spec = self.specs[role]
+        if self.layout is None:
+            return spec.num_cpus, spec.num_gpus, {}
+        seats = self.layout.seats[role]
+        seat = seats[index or 0]
+        bundle = seat.bundle
+        if index is None and len({s.bundle for s in seats}) > 1:
+            # WorkerGroup takes one set of options for all its ranks, so they cannot be pinned
+            # to their own bundles yet: any bundle with room (the shares are equal: they fit).
+            bundle = -1
+        strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=bundle)
+        return seat.num_cpus, seat.num_gpus, {"scheduling_strategy": strategy}
+
+    def _seated_before_groups(self) -> None:
+        """Colocated on several bundles: the singly seated actors placed before a group's ranks,
+        which may take any bundle's room, could take theirs."""
+        if self.layout is not None and len(self.layout.bundles) > 1:
+            ray.get([a.__ray_ready__.remote() for a in [*self.generators.actors, self.reward.actor,
+                                                        self.reference.actor]])
+
+    def _common(self, role: str) -> dict:
+        return {"num_threads": self.specs[role].num_threads, "device": self.cfg.run.device}
+
+    def _actor(self, cls: type, role: str, index: int, *args, **kwargs):
+        num_cpus, num_gpus, options = self._seat(role, index)
+        return actor_class(cls, num_cpus, num_gpus, **options).remote(*args, **self._common(role), **kwargs)
 
     def _generator(self, i: int):
-        return self._actor(RolloutGenerator, "generator", self.policy, engine=self.p.engine,
+        return self._actor(RolloutGenerator, "generator", i, self.policy, engine=self.p.engine,
                            seed=derive_seed(self.cfg.run.seed, "generator", i),
-                           engine_kwargs={"token_budget": self.p.generation_token_budget})
+                           engine_kwargs=self._engine_kwargs())
+
+    def _engine_kwargs(self) -> dict:
+        """What the chosen engine takes (vLLM refuses the hf engine's token budget)."""
+        if self.p.engine != "vllm":
+            return {"token_budget": self.p.generation_token_budget}
+        kw: dict = {"tensor_parallel_size": self.cfg.resources.gpus_per_generator}
+        if self.cfg.resources.colocate:
+            from actors.engines.vllm_engine import colocated_kwargs
+            kw |= colocated_kwargs(COLOCATED_GPU_MEMORY_UTILIZATION)
+        return kw
 
     def _group(self, cls: type, role: str, path: str) -> WorkerGroup:
-        spec, common = self._options(role)
-        return WorkerGroup(cls, spec.count, path, num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
-                           ppo=self.p, optimizer=self.cfg.optimizer, seed=self.cfg.run.seed, **common)
+        num_cpus, num_gpus, options = self._seat(role, None)
+        return WorkerGroup(cls, self.specs[role].count, path, num_cpus=num_cpus, num_gpus=num_gpus,
+                           actor_options=options, ppo=self.p, optimizer=self.cfg.optimizer,
+                           seed=self.cfg.run.seed, **self._common(role))
+
+    def _make_sync(self):
+        """The learner -> generators broadcast; colocated vLLM engines share the learner's GPU,
+        where NCCL refuses two ranks on one device, so they take CUDA IPC."""
+        backend = "ipc" if self.cfg.resources.colocate else "nccl"
+        return make_sync(self.p.engine, self.learners.group, self.generators.actors, backend=backend)
 
     # ---- weights --------------------------------------------------------------------
     def sync(self, rewind: bool = False) -> dict:
@@ -128,3 +190,6 @@ class ActorTeam:
     def shutdown(self) -> None:
         for role in (self.generators, self.reward, self.reference, self.learners, self.critics):
             role.shutdown()
+        if self.placement_group is not None:  # its reservation outlives the actors otherwise
+            remove_placement_group(self.placement_group)
+            self.placement_group = None

@@ -72,12 +72,15 @@ class PPOTrainer:
             rollout = team.generators.sample(self.prompts.take(self.p.batch_size),
                                              seed=derive_seed(self.seed, "rollout", k))
         watch.probe(k)
+        team.generators.sleep()  # colocated: their GPU memory is the learners' until the sync
         with watch.phase(k, "score"):
             exp, stats = self.score(rollout)
         with watch.phase(k, "learn"):
             stats |= self.learn(exp, k)
         with watch.phase(k, "sync"):
+            team.generators.wake(["weights"])  # no KV cache beside the incoming weights
             team.sync()
+            team.generators.wake()
         return watch.record(k, rollout, stats)
 
     def score(self, rollout: Rollout) -> tuple[Experience, dict]:

@@ -44,8 +44,6 @@ ALLOWED: dict[str, tuple[str, str, str]] = {
                                   "getattr(cfg, section).select_by_rm, the section passed by "
                                   "orchestration/pipeline.py"),
     # Not implemented: only its refusal reads it (check_trainable), so true is never ignored.
-    "resources.colocate": ("rlhf/config.py", r"cfg\.resources\.colocate\b",
-                           "refused for training by check_trainable"),
     "ppo.async_rollouts": ("rlhf/config.py", r"cfg\.ppo\.async_rollouts\b",
                            "refused for training by check_trainable"),
 }
