@@ -1,11 +1,22 @@
 """The Ray Train harness shared by stages 0-2.
 
 A stage is a loop function `loop(ctx, **kwargs) -> dict` run on every worker of
-a `TorchTrainer` (DDP: gloo on CPU, NCCL on GPU). `ctx` (`WorkerContext`) says
+a `TorchTrainer` (gloo on CPU, NCCL on GPU). `ctx` (`WorkerContext`) says
 who the worker is and carries the few collectives a loop needs. Rank 0 alone
-logs (JSONL + TensorBoard + a progress bar), writes checkpoints and the final
-model, and writes the loop's summary to `<stage>/summary.json`, which the
-driver returns: `ray.train.report` costs ~1 s a call and is not needed.
+logs (JSONL + TensorBoard + a progress bar), writes the final model and the
+loop's summary to `<stage>/summary.json`, which the driver returns:
+`ray.train.report` costs ~1 s a call and is not needed.
+
+How a worker holds its model is `rlhf.sharding`'s (`resources.strategy`,
+`model.dtype`, `resources.activation_checkpointing`): under "ddp" a full replica
+(DistributedDataParallel for world > 1) and rank 0 writes checkpoints alone;
+under "fsdp" each worker holds a shard, every worker writes its part of a
+checkpoint (`rlhf.dist_checkpoint`) into the one atomic folder, and the final HF
+directory is gathered from the shards. A 16-bit `model.dtype` computes forwards
+in it over float32 master weights (fp16 with a loss scaler). A worker's share of
+a batch runs as micro-batches of `<stage>.micro_batch_size` (`Trainer.accumulate`),
+each loss weighted by its own share of the global batch, so the summed gradient
+is the whole share's.
 
 Data order is a pure function of (seed, epoch): every worker computes the same
 global batch and takes its own contiguous shard, so a resumed run only has to
@@ -16,9 +27,11 @@ shard sizes: N workers follow the same curve as one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -32,11 +45,11 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from rlhf import train_state
+from rlhf import dist_checkpoint, sharding, train_state
 from rlhf.batch import split_evenly
 from rlhf.config import Config
 from rlhf.masked import global_share  # noqa: F401  (the stages call harness.global_share)
-from rlhf.models import load_state_file
+from rlhf.models import ScalarModel, load_state_file
 from rlhf.schedules import cosine_to_fraction, lambda_lr
 from rlhf.seeds import derive_seed
 from rlhf.train_state import make_optimizer
@@ -77,20 +90,61 @@ class WorkerContext:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast(self, obj: Any = None) -> Any:
+        """Rank 0's `obj` on every worker."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
 
+    @property
+    def layout(self) -> sharding.TrainLayout:
+        """The config's strategy, dtype and activation checkpointing for this worker.
+
+        A single worker outside a process group (`run_local`) has nothing to shard
+        across: "fsdp" trains it as one unsharded replica (same dtype).
+        """
+        layout = sharding.TrainLayout.of(self.cfg)
+        if layout.sharded and not dist.is_initialized():
+            layout = dataclasses.replace(layout, strategy="ddp")
+        return layout
+
+    def compute(self):
+        """The context forwards run in (autocast for 16-bit DDP; nothing otherwise)."""
+        return sharding.compute_context(self.layout, self.device)
+
     def wrap(self, model: nn.Module) -> nn.Module:
-        """Move to the device; DDP (gradients averaged over workers) when world > 1."""
-        model = model.to(self.device)
-        if self.world == 1:
+        """The model as this worker trains it (`sharding.prepare`): FSDP2-sharded under
+        "fsdp"; under "ddp" on the device, in DistributedDataParallel when world > 1."""
+        layout = self.layout
+        model = sharding.prepare(model, layout, self.device, self.world)
+        if layout.sharded or self.world == 1:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
+    def forward_chunks(self, items: Sequence, size: int) -> list[tuple[list, bool]]:
+        """This worker's shard of `items` in chunks of `size` for no-grad forwards (evaluation).
+
+        Each chunk comes with True. Under a sharded model a forward is a collective, so
+        every worker runs as many as the busiest one: the extra chunks repeat the first
+        of `items` and come with False, their results to be dropped.
+        """
+        mine = self.shard(items)
+        chunks = [(list(mine[i:i + size]), True) for i in range(0, len(mine), size)]
+        if self.layout.sharded and self.world > 1 and len(items):
+            most = max(-(-len(s) // size) for s in split_evenly(items, self.world))
+            chunks += [(list(items[:size]), False)] * (most - len(chunks))
+        return chunks
+
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The module itself: DDP's inner one; a sharded (FSDP) model is its own."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
@@ -121,13 +175,93 @@ def seed_worker(seed: int, rank: int) -> None:
 
 # ---------------------------------------------------------------- optimisation
 
-def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float | None) -> float:
-    """Clip (if configured), step, advance the LR schedule, clear grads; returns the grad norm."""
-    norm = nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
-    optimizer.step()
+def micro_batches(items: Sequence, micro_batch_size: int | None, most: int | None = None) -> list[list]:
+    """A worker's share of a batch as consecutive micro-batches of at most `micro_batch_size`.
+
+    None is the whole share in one. Every worker must run the same number (DDP's last
+    backward syncs, FSDP's forwards are collectives): `most` is the largest share any
+    worker holds (default: this one's). A worker with fewer items than micro-batches
+    gets some empty ones (`Trainer.accumulate` runs them as zero-weight forwards).
+    """
+    if micro_batch_size is None:
+        return [list(items)]
+    n = -(-(len(items) if most is None else most) // micro_batch_size)
+    return split_evenly(items, max(n, 1))
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The model as this worker trains it, its optimizer, LR schedule and (fp16) loss scaler."""
+    ctx: WorkerContext
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: sharding.LossScaler
+
+    @property
+    def sharded(self) -> bool:
+        return sharding.is_sharded(self.model)
+
+    def accumulate(self, parts: Sequence, loss_fn: Callable[[Any], tuple[torch.Tensor, Any]],
+                   size: Callable[[Any], int] = len) -> list:
+        """Forward and backward each micro-batch; gradients sum over them. Returns the parts' stats.
+
+        `loss_fn(part) -> (loss, stats)` runs under the compute context; the loss must
+        already be weighted by the part's share of the global batch. DDP syncs on the
+        last backward only (`no_sync` before); FSDP2 reduce-scatters after each one into
+        its sharded gradients (a no-sync there would keep full-size gradients). A part
+        of `size` 0 (`micro_batches`: a worker with fewer items than micro-batches) runs
+        the first non-empty part again with its loss times 0, so that the workers'
+        collectives stay in step; its stats are dropped.
+        """
+        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+        filler = next((p for p in parts if size(p)), None)
+        out = []
+        for i, part in enumerate(parts):
+            last, empty = i == len(parts) - 1, not size(part)
+            with self.model.no_sync() if ddp and not last else contextlib.nullcontext():
+                with self.ctx.compute():
+                    loss, stats = loss_fn(filler if empty else part)
+                if empty:
+                    loss = loss * 0.0
+                (loss * self.scaler.scale if self.scaler.enabled else loss).backward()
+            if not empty:
+                out.append(stats)
+        return out
+
+    def step(self, max_grad_norm: float | None) -> float:
+        return optimizer_step(self.model, self.optimizer, self.scheduler, max_grad_norm, self.scaler)
+
+    def state_dict_extra(self) -> dict:
+        """What a checkpoint holds beyond today's (ddp, float32) contents: the fp16 loss scale."""
+        return {"scaler": self.scaler.state_dict()} if self.scaler.enabled else {}
+
+    def metrics(self) -> dict:
+        """Extra per-step metrics: the fp16 loss scale (nothing otherwise)."""
+        return {"loss_scale": self.scaler.scale} if self.scaler.enabled else {}
+
+
+def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float | None,
+                   scaler: sharding.LossScaler | None = None) -> float:
+    """Clip (if configured), step, advance the LR schedule, clear grads; returns the grad norm.
+
+    With an enabled (fp16) loss scaler the gradients are unscaled first, and a step
+    whose gradients overflowed is skipped (the schedule still advances) and the scale
+    lowered. Under FSDP the norm is a DTensor over all shards: its full value is taken.
+    """
+    if scaler is not None and scaler.enabled:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.div_(scaler.scale)
+    norm = float(sharding.full(nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))))
+    finite = math.isfinite(norm)
+    if finite or scaler is None or not scaler.enabled:
+        optimizer.step()
+    if scaler is not None:
+        scaler.update(finite)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm
 
 
 # ---------------------------------------------------------------- state and checkpoints
@@ -150,40 +284,77 @@ class TrainState:
 
 def start_training(ctx: WorkerContext, model: nn.Module, lr: float, total_steps: int,
                    final_lr_fraction: float, desc: str):
-    """The model on its device (DDP for world > 1), Adam with a cosine schedule to
-    `final_lr_fraction`, the newest checkpoint restored and a progress bar.
+    """The model as this worker trains it (`WorkerContext.wrap`), Adam with a cosine schedule
+    to `final_lr_fraction`, the newest checkpoint restored and a progress bar.
 
-    Returns (model, optimizer, scheduler, state, progress).
+    Returns (trainer, state, progress).
     """
-    model = ctx.wrap(model)  # on the device before the optimizer (and a restored state) sees it
+    model = ctx.wrap(model)  # on the device (and sharded) before the optimizer (and a restored state) sees it
     optimizer = make_optimizer(model.parameters(), lr, ctx.cfg.optimizer)
     scheduler = lambda_lr(optimizer, cosine_to_fraction, total_steps=total_steps, final_fraction=final_lr_fraction)
-    state = restore_latest(ctx, model, optimizer, scheduler)
+    trainer = Trainer(ctx, model, optimizer, scheduler,
+                      sharding.LossScaler(ctx.layout.compute == torch.float16))
+    state = restore_latest(ctx, trainer)
     model.train()
-    return model, optimizer, scheduler, state, Progress(ctx, total_steps, state.step, desc=desc)
+    return trainer, state, Progress(ctx, total_steps, state.step, desc=desc)
 
 
-def save_checkpoint(ctx: WorkerContext, state: TrainState, model: nn.Module, optimizer, scheduler) -> None:
-    """Every worker's RNG state, and on rank 0 model, optimizer, schedule and position, atomically."""
+def save_checkpoint(ctx: WorkerContext, state: TrainState, trainer: Trainer) -> None:
+    """Model, optimizer, schedule, position and every worker's RNG state, atomically.
+
+    Unsharded: rank 0 writes it all (`state.pt`). Sharded: rank 0 opens the atomic
+    folder, every worker writes its shards and its own plain state into it
+    (`rlhf.dist_checkpoint`), and rank 0 completes it once all have.
+    """
+    if trainer.sharded:
+        return _save_sharded(ctx, state, trainer)
     rngs = ctx.gather(train_state.rng_state())
     if ctx.is_main:
-        blob = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "state": dataclasses.asdict(state), "rng": rngs}
+        blob = {"model": unwrap(trainer.model).state_dict(), "optimizer": trainer.optimizer.state_dict(),
+                "scheduler": trainer.scheduler.state_dict(), "state": dataclasses.asdict(state), "rng": rngs,
+                **trainer.state_dict_extra()}
         ctx.stage.save_checkpoint(state.step, lambda d: torch.save(blob, d / "state.pt"))
     ctx.barrier()
 
 
-def restore_latest(ctx: WorkerContext, model: nn.Module, optimizer, scheduler) -> TrainState:
+def _save_sharded(ctx: WorkerContext, state: TrainState, trainer: Trainer) -> None:
+    plain = {"scheduler": trainer.scheduler.state_dict(), "state": dataclasses.asdict(state),
+             "rng": train_state.rng_state(), **trainer.state_dict_extra()}
+
+    def write(folder: Path | None) -> None:  # every worker; rank 0 inside the atomic write
+        folder = Path(ctx.broadcast(str(folder) if folder is not None else None))
+        dist_checkpoint.save(folder, trainer.model, trainer.optimizer, {}, plain)
+        ctx.barrier()  # all shards are written before rank 0 marks the folder complete
+
+    if ctx.is_main:
+        ctx.stage.save_checkpoint(state.step, write)
+    else:
+        write(None)
+    ctx.barrier()
+
+
+def restore_latest(ctx: WorkerContext, trainer: Trainer) -> TrainState:
     """Load the stage's newest complete checkpoint if any, and cut metrics logged after it."""
     path = ctx.stage.latest_checkpoint()
     state = TrainState()
     if path is not None:
-        # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
-        blob = load_state_file(path / "state.pt")
-        unwrap(model).load_state_dict(blob["model"])
-        optimizer.load_state_dict(blob["optimizer"])
-        scheduler.load_state_dict(blob["scheduler"])
-        train_state.set_rng_state(blob["rng"][ctx.rank % len(blob["rng"])])
+        if dist_checkpoint.is_sharded_checkpoint(path) != trainer.sharded:
+            written, now = ("fsdp", "ddp") if not trainer.sharded else ("ddp", "fsdp")
+            raise ValueError(f"{path}: written by a {written} run, and resources.strategy is now {now}; "
+                             "resume with the strategy it was written with")
+        if trainer.sharded:
+            blob = dist_checkpoint.load(path, trainer.model, trainer.optimizer, {})
+            rng = blob["rng"]
+        else:
+            # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
+            blob = load_state_file(path / "state.pt")
+            unwrap(trainer.model).load_state_dict(blob["model"])
+            trainer.optimizer.load_state_dict(blob["optimizer"])
+            rng = blob["rng"][ctx.rank % len(blob["rng"])]
+        trainer.scheduler.load_state_dict(blob["scheduler"])
+        if trainer.scaler.enabled and "scaler" in blob:
+            trainer.scaler.load_state_dict(blob["scaler"])
+        train_state.set_rng_state(rng)
         state = TrainState(**blob["state"])
     if ctx.is_main:  # rows after the checkpoint (or all, without one) are about to be redone
         truncate_metrics(ctx.stage.metrics_file, state.step + 1 if path is not None else 0)
@@ -192,10 +363,55 @@ def restore_latest(ctx: WorkerContext, model: nn.Module, optimizer, scheduler) -
 
 
 def save_hf(ctx: WorkerContext, target: Path, model, tokenizer) -> None:
-    """Rank 0 writes an HF directory (model + tokenizer) atomically; everyone waits."""
+    """Rank 0 writes an HF directory (model + tokenizer) atomically; everyone waits.
+
+    A sharded model is gathered first (every worker takes part) into an unsharded copy.
+    """
+    model = unwrap(model)
+    if sharding.is_sharded(model):
+        state = sharding.full_state_dict(model)  # collective
+        model = unsharded_copy(model, state) if ctx.is_main else None
+        del state
     if ctx.is_main:
-        atomic_write_dir(target, lambda d: (unwrap(model).save_pretrained(d), tokenizer.save_pretrained(d)))
+        atomic_write_dir(target, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
     ctx.barrier()
+
+
+def _plain_class(module: nn.Module) -> type:
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+def _meta_twin(module: nn.Module) -> nn.Module:
+    """The same (unsharded) model class and config with weights on the meta device."""
+    from transformers import PreTrainedModel
+
+    if isinstance(module, ScalarModel):
+        return ScalarModel(_meta_twin(module.model))
+    if not isinstance(module, PreTrainedModel):
+        raise TypeError(f"cannot save a sharded {type(module).__name__}: not an HF model or ScalarModel")
+    import copy
+
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        return _plain_class(module)(copy.deepcopy(module.config))
+
+
+def unsharded_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain module of `model`'s class and config holding `state` (a full state dict, CPU)."""
+    twin = _meta_twin(model)
+    twin.load_state_dict(state, strict=True, assign=True)
+    # Assigning gave tied weights (GPT-2's unembedding) separate copies: tie them again.
+    (twin.model if isinstance(twin, ScalarModel) else twin).tie_weights()
+    live = dict(model.named_buffers())  # non-persistent buffers are not in the state dict
+    for name, buf in list(twin.named_buffers()):
+        if buf.is_meta:
+            owner, _, attr = name.rpartition(".")
+            twin.get_submodule(owner)._buffers[attr] = live[name].detach().to("cpu", copy=True)
+    meta = [n for n, p in twin.named_parameters() if p.is_meta]
+    if meta:
+        raise RuntimeError(f"unsharded copy lacks weights {meta}")
+    return twin
 
 
 # ---------------------------------------------------------------- progress and metrics
@@ -280,6 +496,36 @@ def run_local(cfg: Config, stage_name: str, loop: Loop, checkpoint_every: int | 
     return _run(ctx, loop, kwargs)
 
 
+def run_processes(cfg: Config, stage_name: str, loop: Loop, world: int, checkpoint_every: int | None = None,
+                  threads: int = 1, **kwargs) -> dict:
+    """The same loop on `world` local processes in one gloo group, without Ray (tests, debugging).
+
+    Returns rank 0's summary. `loop` and `kwargs` must pickle (a module-level function).
+    """
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_process_main, args=(world, port, threads, cfg, stage_name, loop,
+                                  checkpoint_every or DEFAULT_CHECKPOINT_EVERY, kwargs), nprocs=world)
+    return json.loads((StageDir(cfg.output_dir, stage_name).path / SUMMARY).read_text())
+
+
+def _process_main(rank: int, world: int, port: int, threads: int, cfg: Config, stage_name: str, loop: Loop,
+                  checkpoint_every: int, kwargs: dict) -> None:
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        ctx = WorkerContext(cfg, StageDir(cfg.output_dir, stage_name), rank=rank, world=world,
+                            checkpoint_every=checkpoint_every)
+        _run(ctx, loop, kwargs)
+    finally:
+        dist.destroy_process_group()
+
+
 def _worker_main(config: dict) -> None:
     import datasets
     import ray.train
@@ -309,9 +555,12 @@ def _run(ctx: WorkerContext, loop: Loop, kwargs: dict) -> dict:
 
 
 def weights_checksum(model: nn.Module) -> str:
-    """sha256 of every parameter's bytes: equal across DDP workers when they are in sync."""
+    """sha256 of every parameter's (whole) bytes: equal across DDP workers when they are in sync.
+
+    Collective for a sharded model (every worker calls it; each gets the full weights' sum).
+    """
     h = hashlib.sha256()
-    for name, p in sorted(unwrap(model).named_parameters()):
+    for name, p in sorted(unwrap(model).named_parameters(), key=lambda item: item[0]):
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        h.update(sharding.full(p.detach()).cpu().contiguous().numpy().tobytes())
     return h.hexdigest()

@@ -72,9 +72,11 @@ def heldout_loss(ctx: harness.WorkerContext, model, batches: list[LMBatch]) -> f
     was_training = model.training
     model.eval()
     total = count = 0.0
-    for b in ctx.shard(batches):
-        loss, n = lm_loss(model, b.to(ctx.device))
-        total, count = total + float(loss) * n, count + n
+    for (b,), real in ctx.forward_chunks(batches, 1):  # as many forwards on each worker under FSDP
+        with ctx.compute():
+            loss, n = lm_loss(model, b.to(ctx.device))
+        if real:
+            total, count = total + float(loss) * n, count + n
     model.train(was_training)
     total, count = ctx.all_sum([total, count])
     return total / count
@@ -92,30 +94,36 @@ def train_loop(ctx: harness.WorkerContext, base: str) -> dict:
     train = blocks_of(cfg, tokenizer, "train", pc.seq_len)
     valid = [lm_batch(b) for b in blocks_of(cfg, tokenizer, "valid", pc.seq_len).split(EVAL_BATCH)]
     per_epoch = len(train) // pc.batch_size
-    model, optimizer, scheduler, state, progress = harness.start_training(
-        ctx, model, pc.lr, pc.steps, pc.final_lr_fraction, desc=STAGE)
+    trainer, state, progress = harness.start_training(ctx, model, pc.lr, pc.steps, pc.final_lr_fraction, desc=STAGE)
+    model = trainer.model
     if state.step == 0:
         state.extra["val_loss_untrained"] = heldout_loss(ctx, model, valid)
         progress.log(0, val_loss=state.extra["val_loss_untrained"], epoch=0)
 
     while state.step < pc.steps:
         rows = ctx.shard(harness.stream_batch(len(train), pc.batch_size, cfg.run.seed, state.step))
-        batch = lm_batch(train[rows]).to(ctx.device)
-        loss, n = lm_loss(model, batch)
+        parts = [lm_batch(train[part]).to(ctx.device) for part in harness.micro_batches(rows, pc.micro_batch_size)]
+        n = sum(float(b.loss_mask[:, 1:].sum()) for b in parts)
         _, n_all = ctx.all_sum([0.0, n])
-        (loss * harness.global_share(n, n_all, ctx.world)).backward()
-        lr = scheduler.get_last_lr()[0]
-        grad_norm = harness.optimizer_step(model, optimizer, scheduler, cfg.optimizer.max_grad_norm)
-        loss_all, _ = ctx.all_sum([loss.item() * n, 0.0])
+
+        def part_loss(batch: LMBatch):  # its targets' share of the global batch's
+            loss, k = lm_loss(model, batch)
+            return loss * harness.global_share(k, n_all, ctx.world), loss.item() * k
+
+        loss_sum = sum(trainer.accumulate(parts, part_loss))
+        lr = trainer.scheduler.get_last_lr()[0]
+        grad_norm = trainer.step(cfg.optimizer.max_grad_norm)
+        loss_all, _ = ctx.all_sum([loss_sum, 0.0])
         state.next_step()
-        progress.step(state.step, tokens=n_all, loss=loss_all / n_all, lr=lr, grad_norm=grad_norm)
+        progress.step(state.step, tokens=n_all, loss=loss_all / n_all, lr=lr, grad_norm=grad_norm,
+                      **trainer.metrics())
         end_of_epoch = state.step % per_epoch == 0 or state.step == pc.steps
         if end_of_epoch:  # one pass over the corpus
             state.next_epoch()
             state.extra["val_loss"] = heldout_loss(ctx, model, valid)
             progress.log(state.step, val_loss=state.extra["val_loss"], epoch=state.epoch)
         if end_of_epoch or state.step % ctx.checkpoint_every == 0:
-            harness.save_checkpoint(ctx, state, model, optimizer, scheduler)
+            harness.save_checkpoint(ctx, state, trainer)
 
     progress.close()
     harness.save_hf(ctx, ctx.stage.final, model, tokenizer)

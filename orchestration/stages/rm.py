@@ -52,11 +52,14 @@ def ranking_accuracy(ctx: harness.WorkerContext, model, groups: list, pad_id: in
     """Pairwise accuracy and mean loss over held-out rankings, split between the workers."""
     model = harness.unwrap(model).eval()
     correct = pairs = loss_sum = prompts = 0.0
-    mine = ctx.shard(groups)
-    for i in range(0, len(mine), EVAL_PROMPTS):
-        batch = collate_rankings(mine[i:i + EVAL_PROMPTS], pad_id).to(ctx.device)
-        loss, stats = rm_ranking_loss(rm_scores(model, batch), batch.ranks, batch.group_ids)
-        n = len(mine[i:i + EVAL_PROMPTS])
+    for chunk, real in ctx.forward_chunks(groups, EVAL_PROMPTS):  # as many on each worker under FSDP
+        batch = collate_rankings(chunk, pad_id).to(ctx.device)
+        with ctx.compute():
+            scores = rm_scores(model, batch)
+        if not real:
+            continue
+        loss, stats = rm_ranking_loss(scores, batch.ranks, batch.group_ids)
+        n = len(chunk)
         correct, pairs = correct + stats["accuracy"] * stats["n_pairs"], pairs + stats["n_pairs"]
         loss_sum, prompts = loss_sum + float(loss) * n, prompts + n
     model.train()
@@ -68,11 +71,12 @@ def ranking_accuracy(ctx: harness.WorkerContext, model, groups: list, pad_id: in
 def demonstration_scores(ctx: harness.WorkerContext, model, encoded: list, pad_id: int) -> list[float]:
     """RM scores of prompt + demonstration (+ EOS) for every demonstration, from all workers."""
     model = harness.unwrap(model).eval()
-    mine = ctx.shard(encoded)
     out: list[float] = []
-    for i in range(0, len(mine), EVAL_PROMPTS):
-        b = collate_encoded(mine[i:i + EVAL_PROMPTS], pad_id).to(ctx.device)
-        out += model.score(b.input_ids, b.attention_mask).tolist()
+    for chunk, real in ctx.forward_chunks(encoded, EVAL_PROMPTS):  # as many on each worker under FSDP
+        b = collate_encoded(chunk, pad_id).to(ctx.device)
+        with ctx.compute():
+            scores = model.score(b.input_ids, b.attention_mask).tolist()
+        out += scores if real else []
     model.train()
     return [s for part in ctx.gather(out) for s in part]
 
@@ -94,30 +98,36 @@ def train_loop(ctx: harness.WorkerContext, init: str) -> dict:
     valid = {name: groups for name, groups in valid.items() if groups}  # no gold outside the synthetic task
     per_epoch = len(train) // rc.batch_size
     total = rc.epochs * per_epoch
-    model, optimizer, scheduler, state, progress = harness.start_training(
-        ctx, model, rc.lr, total, rc.final_lr_fraction, desc=STAGE)
+    trainer, state, progress = harness.start_training(ctx, model, rc.lr, total, rc.final_lr_fraction, desc=STAGE)
+    model = trainer.model
 
     for epoch in range(state.epoch, rc.epochs):
         for idx in harness.epoch_batches(len(train), rc.batch_size, cfg.run.seed, epoch)[state.batch_in_epoch:]:
             mine = ctx.shard(idx)
-            batch = collate_rankings([train[i] for i in mine], pad).to(ctx.device)
-            loss, stats = rm_ranking_loss(rm_scores(model, batch), batch.ranks, batch.group_ids)
-            prompts_all, loss_all, correct_all, pairs_all, tok_all = ctx.all_sum(
-                [len(mine), loss.item() * len(mine), stats["accuracy"] * stats["n_pairs"], stats["n_pairs"],
-                 batch.num_tokens])
-            (loss * harness.global_share(len(mine), prompts_all, ctx.world)).backward()
-            lr = scheduler.get_last_lr()[0]
-            grad_norm = harness.optimizer_step(model, optimizer, scheduler, cfg.optimizer.max_grad_norm)
+            parts = [collate_rankings([train[i] for i in part], pad).to(ctx.device)
+                     for part in harness.micro_batches(mine, rc.micro_batch_size)]
+            prompts_all, tok_all = ctx.all_sum([len(mine), sum(b.num_tokens for b in parts)])
+
+            def part_loss(batch: RankingBatch):  # its prompts' share of the global batch's
+                loss, stats = rm_ranking_loss(rm_scores(model, batch), batch.ranks, batch.group_ids)
+                n = len(batch.input_ids)
+                return (loss * harness.global_share(n, prompts_all, ctx.world),
+                        (loss.item() * n, stats["accuracy"] * stats["n_pairs"], stats["n_pairs"]))
+
+            sums = trainer.accumulate(parts, part_loss, size=lambda b: len(b.input_ids))
+            loss_all, correct_all, pairs_all = ctx.all_sum([sum(s[i] for s in sums) for i in range(3)])
+            lr = trainer.scheduler.get_last_lr()[0]
+            grad_norm = trainer.step(cfg.optimizer.max_grad_norm)
             state.next_step()
             progress.step(state.step, tokens=tok_all, loss=loss_all / prompts_all, accuracy=correct_all / pairs_all,
-                          lr=lr, grad_norm=grad_norm)
+                          lr=lr, grad_norm=grad_norm, **trainer.metrics())
             if state.step % ctx.checkpoint_every == 0:
-                harness.save_checkpoint(ctx, state, model, optimizer, scheduler)
+                harness.save_checkpoint(ctx, state, trainer)
         state.next_epoch()
         state.extra["valid"] = {name: ranking_accuracy(ctx, model, groups, pad) for name, groups in valid.items()}
         progress.log(state.step, epoch=state.epoch, **{f"val_{name}_{k}": v for name, r in state.extra["valid"].items()
                                                      for k, v in r.items()})
-        harness.save_checkpoint(ctx, state, model, optimizer, scheduler)
+        harness.save_checkpoint(ctx, state, trainer)
 
     limits = TokenLimits(cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
     demos, _ = encode_demonstrations(tokenizer, stage_data.load(cfg, "demonstrations", "valid", tokenizer), limits)

@@ -9,10 +9,12 @@ validation prompts (the paper's rule).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -20,6 +22,7 @@ from orchestration import stage_data
 from orchestration.rundir import StageDir, atomic_write_dir
 from orchestration.stages import harness
 from orchestration.stages.pretrain import base_model, heldout_loss
+from rlhf.batch import split_evenly
 from rlhf.collate import LMBatch, TokenLimits, collate_encoded, encode_demonstrations, lm_batch, pack_text
 from rlhf.config import Config, SFTConfig
 from rlhf.forward import policy_logits
@@ -41,27 +44,84 @@ def epoch_dirs(stage: StageDir) -> list[Path]:
     return sorted(p for p in (stage.path / "epochs").glob("epoch_*") if (p / "COMPLETE").exists())
 
 
-def sft_loss(ctx: harness.WorkerContext, model, demos: LMBatch, ptx: LMBatch) -> tuple[torch.Tensor, dict]:
-    """(1 - f) * demonstration loss (response tokens only) + f * pretraining LM loss.
+@dataclasses.dataclass
+class SFTTotals:
+    """The global batch's counts, which every micro-batch's loss is weighted by."""
+    d_all: float     # demonstration targets
+    p_all: float     # pretraining targets
+    d_rows: float
+    p_rows: float
+    tokens: float    # attended tokens
 
-    f is the pretraining share of the global batch's examples, so each example
-    weighs the same; each part is a mean over the global batch's targets. One
-    forward pass over both parts (DDP expects one forward per backward).
+
+def sft_totals(ctx: harness.WorkerContext, parts: Sequence[tuple[LMBatch, LMBatch]]) -> SFTTotals:
+    """Summed over this worker's micro-batches (demos, ptx), then over the workers."""
+    d_n = p_n = n = n_ptx = tokens = 0.0
+    for demos, ptx in parts:
+        d_n, p_n = d_n + float(demos.loss_mask[:, 1:].sum()), p_n + float(ptx.loss_mask[:, 1:].sum())
+        n, n_ptx = n + len(demos), n_ptx + len(ptx)
+        tokens += float(demos.attention_mask.sum()) + float(ptx.attention_mask.sum())
+    return SFTTotals(*ctx.all_sum([d_n, p_n, n, n_ptx, tokens]))
+
+
+def sft_part_loss(ctx: harness.WorkerContext, model, demos: LMBatch, ptx: LMBatch, totals: SFTTotals
+                  ) -> tuple[torch.Tensor, tuple[float, float]]:
+    """One micro-batch's loss, weighted by its share of the global batch, and its (demo, ptx) loss sums.
+
+    One forward pass over both parts (DDP expects one forward per backward).
     """
     n = len(demos)
     both = LMBatch.concat([demos, ptx])
     logits = policy_logits(model, both.input_ids, both.attention_mask)
-    d_loss = ptx_lm_loss(logits[:n], both.input_ids[:n], both.loss_mask[:n])
+    d_loss = ptx_lm_loss(logits[:n], both.input_ids[:n], both.loss_mask[:n])  # 0 when empty
     p_loss = ptx_lm_loss(logits[n:], both.input_ids[n:], both.loss_mask[n:])  # 0 when empty
     d_n, p_n = float(demos.loss_mask[:, 1:].sum()), float(ptx.loss_mask[:, 1:].sum())
-    d_all, p_all, d_rows, p_rows, d_sum, p_sum, tok_all = ctx.all_sum(
-        [d_n, p_n, n, len(ptx), d_loss.item() * d_n, p_loss.item() * p_n, float(both.attention_mask.sum())])
-    f = p_rows / (d_rows + p_rows)
-    loss = ((1 - f) * d_loss * harness.global_share(d_n, d_all, ctx.world)
-            + f * p_loss * harness.global_share(p_n, p_all, ctx.world))
-    demo_loss, ptx_loss = d_sum / d_all, (p_sum / p_all if p_all else 0.0)
-    return loss, {"loss": (1 - f) * demo_loss + f * ptx_loss, "demo_loss": demo_loss,
-                  "ptx_loss": ptx_loss, "tokens": tok_all}
+    f = totals.p_rows / (totals.d_rows + totals.p_rows)
+    loss = ((1 - f) * d_loss * harness.global_share(d_n, totals.d_all, ctx.world)
+            + f * p_loss * harness.global_share(p_n, totals.p_all, ctx.world))
+    return loss, (d_loss.item() * d_n, p_loss.item() * p_n)
+
+
+def sft_stats(ctx: harness.WorkerContext, totals: SFTTotals, sums: Sequence[tuple[float, float]]) -> dict:
+    """The global batch's losses from every micro-batch's (demo, ptx) loss sums, on every worker."""
+    d_sum = p_sum = 0.0
+    for d, p in sums:
+        d_sum, p_sum = d_sum + d, p_sum + p
+    d_sum, p_sum = ctx.all_sum([d_sum, p_sum])
+    f = totals.p_rows / (totals.d_rows + totals.p_rows)
+    demo_loss, ptx_loss = d_sum / totals.d_all, (p_sum / totals.p_all if totals.p_all else 0.0)
+    return {"loss": (1 - f) * demo_loss + f * ptx_loss, "demo_loss": demo_loss,
+            "ptx_loss": ptx_loss, "tokens": totals.tokens}
+
+
+def sft_loss(ctx: harness.WorkerContext, model, demos: LMBatch, ptx: LMBatch) -> tuple[torch.Tensor, dict]:
+    """(1 - f) * demonstration loss (response tokens only) + f * pretraining LM loss.
+
+    f is the pretraining share of the global batch's examples, so each example
+    weighs the same; each part is a mean over the global batch's targets. This
+    worker's whole share in one forward pass; the stage runs it as micro-batches
+    (`sft_part_loss`), which sum to the same.
+    """
+    totals = sft_totals(ctx, [(demos, ptx)])
+    loss, sums = sft_part_loss(ctx, model, demos, ptx, totals)
+    return loss, sft_stats(ctx, totals, [sums])
+
+
+def micro_parts(ctx: harness.WorkerContext, train: list, blocks: torch.Tensor, idx: list[int],
+                ptx_idx: list[int], micro_batch_size: int | None, pad: int) -> list[tuple[LMBatch, LMBatch]]:
+    """This worker's (demos, ptx) share of a batch as micro-batches of at most `micro_batch_size` examples.
+
+    The share (its demonstrations, then its pretraining rows) is cut into consecutive
+    pieces; every worker cuts as many as the largest share needs.
+    """
+    share = [(True, i) for i in ctx.shard(idx)] + [(False, j) for j in ctx.shard(ptx_idx)]
+    most = max(len(d) + len(p) for d, p in zip(split_evenly(idx, ctx.world), split_evenly(ptx_idx, ctx.world)))
+    parts = []
+    for part in harness.micro_batches(share, micro_batch_size, most):
+        d_rows, p_rows = [i for is_demo, i in part if is_demo], [j for is_demo, j in part if not is_demo]
+        demos = collate_encoded([train[i] for i in d_rows], pad) if d_rows else lm_batch(blocks[:0, :1])
+        parts.append((demos.to(ctx.device), lm_batch(blocks[p_rows]).to(ctx.device)))
+    return parts
 
 
 def save_policy(ctx: harness.WorkerContext, target: Path, model, tokenizer, dropout: float) -> None:
@@ -87,28 +147,29 @@ def train_loop(ctx: harness.WorkerContext, section: str, base: str) -> dict:
                         cfg.ptx_block_tokens) if n_ptx else torch.zeros((0, 1), dtype=torch.long))
     per_epoch = len(train) // n_demo
     total = sc.epochs * per_epoch
-    model, optimizer, scheduler, state, progress = harness.start_training(
-        ctx, model, sc.lr, total, sc.final_lr_fraction, desc=section)
+    trainer, state, progress = harness.start_training(ctx, model, sc.lr, total, sc.final_lr_fraction, desc=section)
+    model = trainer.model
 
     for epoch in range(state.epoch, sc.epochs):
         for idx in harness.epoch_batches(len(train), n_demo, cfg.run.seed, epoch)[state.batch_in_epoch:]:
-            demos = collate_encoded([train[i] for i in ctx.shard(idx)], pad).to(ctx.device)
             ptx_idx = harness.stream_batch(len(blocks), n_ptx, cfg.run.seed, state.step) if n_ptx else []
-            ptx = lm_batch(blocks[ctx.shard(ptx_idx)]).to(ctx.device)
-            loss, stats = sft_loss(ctx, model, demos, ptx)
-            loss.backward()
-            lr = scheduler.get_last_lr()[0]
-            grad_norm = harness.optimizer_step(model, optimizer, scheduler, cfg.optimizer.max_grad_norm)
+            parts = micro_parts(ctx, train, blocks, idx, ptx_idx, sc.micro_batch_size, pad)
+            totals = sft_totals(ctx, parts)
+            sums = trainer.accumulate(parts, lambda p: sft_part_loss(ctx, model, *p, totals),
+                                       size=lambda p: len(p[0]) + len(p[1]))
+            stats = sft_stats(ctx, totals, sums)
+            lr = trainer.scheduler.get_last_lr()[0]
+            grad_norm = trainer.step(cfg.optimizer.max_grad_norm)
             state.next_step()
-            progress.step(state.step, lr=lr, grad_norm=grad_norm, **stats)
+            progress.step(state.step, lr=lr, grad_norm=grad_norm, **stats, **trainer.metrics())
             if state.step % ctx.checkpoint_every == 0:
-                harness.save_checkpoint(ctx, state, model, optimizer, scheduler)
+                harness.save_checkpoint(ctx, state, trainer)
         val_loss = heldout_loss(ctx, model, valid)
         state.next_epoch()
         state.extra.setdefault("val_loss", []).append(val_loss)
         progress.log(state.step, val_loss=val_loss, epoch=state.epoch)
         save_policy(ctx, ctx.stage.path / "epochs" / f"epoch_{state.epoch:03d}", model, tokenizer, sc.resid_pdrop)
-        harness.save_checkpoint(ctx, state, model, optimizer, scheduler)
+        harness.save_checkpoint(ctx, state, trainer)
 
     progress.close()
     save_policy(ctx, ctx.stage.final, model, tokenizer, sc.resid_pdrop)
