@@ -121,8 +121,8 @@ def test_generators_sleep_from_sampling_to_the_sync_and_wake_weights_first(runs)
     assert iterations == 2
     # per iteration: the batch, the probe, asleep through score and learn, weights back for the
     # sync, then the KV cache; nothing was ever sampled or loaded while asleep
-    cycle = lambda k: ["sample", "sample", "sleep", "wake weights", f"load {k}", "wake kv_cache"]  # noqa: E731
-    expected = ["load 0"] + [e for k in range(1, iterations + 1) for e in cycle(k)]
+    expected = ["load 0"] + [e for k in range(1, iterations + 1)
+                             for e in ("sample", "sample", "sleep", "wake weights", f"load {k}", "wake kv_cache")]
     assert runs[True]["events"] == [expected, expected]
     assert runs[True]["asleep"] == [[], []]
     separate = ["load 0"] + [e for k in range(1, iterations + 1) for e in ("sample", "sample", f"load {k}")]
