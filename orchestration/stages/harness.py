@@ -506,6 +506,7 @@ def run_processes(cfg: Config, stage_name: str, loop: Loop, world: int, checkpoi
 
     import torch.multiprocessing as mp
 
+    StageDir(cfg.output_dir, stage_name).path.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
