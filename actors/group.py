@@ -21,26 +21,34 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from torch.distributed.tensor import DTensor
+
 from actors.resources import actor_class
 from actors.weight_sync import DEFAULT_CAP_BYTES, pack_into, plan_buckets, unpack_buckets
 from rlhf.masked import global_share
+from rlhf.sharding import LossScaler, all_sum, local
 
 
 class BucketedGrads:
-    """Flat gradient buffers over a model's trainable parameters, allocated once."""
+    """Flat gradient buffers over a model's trainable parameters, allocated once.
+
+    Over this rank's part of each parameter: the whole of it under DDP, its shard
+    under FSDP (whose backward has already averaged the gradients over the group).
+    """
 
     def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]],
                  cap_bytes: int = DEFAULT_CAP_BYTES) -> None:
         self.params = list(named_params)
-        self.metas = plan_buckets(self.params, cap_bytes)
-        device = self.params[0][1].device
+        self.sharded = any(isinstance(p, DTensor) for _, p in self.params)
+        self.metas = plan_buckets([(n, local(p)) for n, p in self.params], cap_bytes)
+        device = local(self.params[0][1]).device
         self.buffers = [torch.zeros(m.numel, dtype=getattr(torch, m.dtype), device=device)
                         for m in self.metas]
         self.views = unpack_buckets(self.buffers, self.metas)
 
     def _grads(self):
         for name, p in self.params:
-            yield name, (p.grad if p.grad is not None else torch.zeros_like(p))
+            yield name, (local(p.grad) if p.grad is not None else torch.zeros_like(local(p)))
 
     def capture(self) -> float:
         """Copy the current .grad into the buffers; returns their squared norm."""
@@ -56,22 +64,33 @@ class BucketedGrads:
             view = self.views[name]
             added += (grad.float() - view.float()).pow(2).sum()  # stays on device: one sync
             view.copy_(grad)
-        return float(added)
+        return self._over_shards(float(added))
 
     def sq_norm(self) -> float:
-        return float(sum(b.float().pow(2).sum() for b in self.buffers))
+        return self._over_shards(float(sum(b.float().pow(2).sum() for b in self.buffers)))
+
+    def _over_shards(self, local_sum: float) -> float:
+        """A sum over this rank's shards made the sum over the whole gradient."""
+        return all_sum(local_sum, self.buffers[0].device) if self.sharded else local_sum
 
     def all_reduce_mean(self, world_size: int) -> None:
-        if world_size > 1:
+        if world_size > 1 and not self.sharded:  # FSDP's backward reduce-scattered them already
             for b in self.buffers:
                 dist.all_reduce(b)
                 b.div_(world_size)
 
     @torch.no_grad()
     def write_back(self, scale: float = 1.0) -> None:
+        """The buffers (times `scale`) become .grad, in place where a gradient exists."""
         for name, p in self.params:
             view = self.views[name]
-            p.grad = view.clone() if scale == 1.0 else view * scale
+            if p.grad is not None:
+                local(p.grad).copy_(view if scale == 1.0 else view * scale)
+            elif isinstance(p, DTensor):  # a parameter this step did not reach
+                p.grad = DTensor.from_local(view * scale, p.device_mesh, p.placements,
+                                            shape=p.shape, stride=p.stride())
+            else:
+                p.grad = view.clone() if scale == 1.0 else view * scale
 
 
 class DistributedWorker:
@@ -128,21 +147,29 @@ class DistributedWorker:
         return [global_share(float(c), g, self.world_size) for c, g in zip(local_counts, totals.tolist())]
 
     def synced_step(self, grads: BucketedGrads, optimizer: torch.optim.Optimizer,
-                    max_grad_norm: float | None) -> tuple[float, bool]:
-        """All-reduce (mean) the captured gradients, check, clip, step once.
+                    max_grad_norm: float | None, scaler: LossScaler | None = None) -> tuple[float, bool]:
+        """All-reduce (mean) the captured gradients, unscale, check, clip, step once.
 
         Returns (global grad norm before clipping, skipped). Every rank sees the same
-        reduced buffers, so every rank makes the same skip decision.
+        reduced buffers, so every rank makes the same skip decision. With fp16 loss
+        scaling an overflow halves the scale and skips; it counts as non-finite only
+        once the scale cannot fall further.
         """
         grads.all_reduce_mean(self.world_size)
-        norm = math.sqrt(grads.sq_norm())
-        optimizer.zero_grad(set_to_none=True)
+        loss_scale = scaler.scale if scaler is not None else 1.0
+        norm = math.sqrt(grads.sq_norm()) / loss_scale
         if not math.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None and scaler.enabled and scaler.scale > 1.0:
+                scaler.update(False)
+                return norm, True
             # Skipping keeps the weights finite; the driver stops after too many in a row.
             self.nonfinite_steps += 1
             return norm, True
-        scale = min(1.0, max_grad_norm / (norm + 1e-6)) if max_grad_norm else 1.0
-        grads.write_back(scale)
+        if scaler is not None:
+            scaler.update(True)
+        clip = min(1.0, max_grad_norm / (norm + 1e-6)) if max_grad_norm else 1.0
+        grads.write_back(clip / loss_scale)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm, False

@@ -24,7 +24,9 @@ from typing import Any
 import torch
 
 from actors.learner import Learner
-from actors.weight_sync import BucketMeta, FlatParameters, StagingBuffers, put_buckets
+from actors.weight_sync import (BucketMeta, FlatParameters, StagingBuffers, gathered_buckets, plan_buckets,
+                                put_buckets)
+from rlhf import sharding
 from rlhf.collate import LMBatch
 from rlhf.config import OptimizerConfig, PPOConfig
 from rlhf.ema import EMA
@@ -33,6 +35,7 @@ from rlhf.forward import policy_logits, token_logprobs
 from rlhf.losses import policy_loss, ptx_lm_loss, ptx_targets
 from rlhf.masked import masked_count, masked_mean
 from rlhf.models import load_policy, load_tokenizer
+from rlhf.sharding import TrainLayout
 
 
 class StaleRolloutError(RuntimeError):
@@ -42,21 +45,26 @@ class StaleRolloutError(RuntimeError):
 class PolicyLearner(Learner):
     def __init__(self, policy_path: str, ppo: PPOConfig | None = None,
                  optimizer: OptimizerConfig | None = None, seed: int = 0,
-                 num_threads: int | None = None, device: str = "auto", dtype: str | None = None,
+                 num_threads: int | None = None, device: str = "auto", layout: TrainLayout | None = None,
                  bucket_cap_mb: float = 64.0, forward_batch_size: int = 64) -> None:
-        super().__init__(ppo, optimizer, seed, num_threads, device, dtype, bucket_cap_mb, forward_batch_size)
+        super().__init__(ppo, optimizer, seed, num_threads, device, layout, bucket_cap_mb, forward_batch_size)
         self.policy_path = str(policy_path)
-        self.model = load_policy(policy_path, dtype=self.dtype).to(self.device).eval()
-        # The weight broadcast's CPU buffers: on CPU the parameters themselves live in them
-        # (nothing to pack; before the optimizer, which must see the final parameters);
-        # on a GPU each sync packs a host copy into reused staging buffers.
-        if self.device.type == "cpu":
+        self.lr = self.ppo.lr
+        self.model = load_policy(policy_path, dtype=torch.float32).to(self.device).eval()
+        self.version = 0
+        self.begin()
+
+    def before_optimizer(self) -> None:
+        # The weight broadcast's CPU buffers: for a CPU replica the parameters themselves
+        # live in them (nothing to pack; before the optimizer, which must see the final
+        # parameters); on a GPU, or sharded, each sync packs into reused staging buffers.
+        if self.device.type == "cpu" and not self.layout.sharded:
             self.flat: FlatParameters | None = FlatParameters(self.model)
         else:
             self.flat, self.staging = None, StagingBuffers(self.cap_bytes)
-        self.start_training(self.ppo.lr)
+
+    def after_optimizer(self) -> None:
         self.ema = EMA(self.model, decay=self.ppo.ema_decay)
-        self.version = 0
 
     # ------------------------------------------------------------ scoring
 
@@ -81,54 +89,67 @@ class PolicyLearner(Learner):
                         ptx_coef: float | None = None, version: int | None = None) -> dict[str, float]:
         """One joint PPO(+ptx) optimizer step on this rank's shard; returns this rank's stats.
 
-        The gradient is that of the minibatch-wide token means; the reported loss,
-        ptx_loss, entropy, clipfrac, approx_kl and ratio_mean are means over this
-        rank's tokens (the driver averages ranks). ppo_grad_norm / ptx_grad_norm:
-        norms of what the PPO and the ptx backward passes put into this rank's
-        gradient buffers (its share, before the all-reduce); grad_norm: the
-        all-reduced gradient the step used (before clipping).
+        The gradient is that of the minibatch-wide token means, whether the shard goes
+        through in one forward/backward or in `ppo.micro_batch_size` pieces (each piece's
+        mean weighted by its share of the minibatch's tokens). The reported loss,
+        ptx_loss, entropy, clipfrac, approx_kl and ratio_mean are means over this rank's
+        tokens (the driver averages ranks). ppo_grad_norm / ptx_grad_norm: norms of what
+        the PPO and the ptx backward passes put into the gradient (this rank's share,
+        before the all-reduce; under fsdp the group's, already averaged); grad_norm: the
+        averaged gradient the step used (before clipping).
         """
+        self._require_started()
         self._check_version(exp_shard.weight_version, version)
         coef = self.ppo.ptx_coef if ptx_coef is None else float(ptx_coef)
         exp = exp_shard.to(self.device)
         b = ptx_shard.to(self.device) if ptx_shard is not None and len(ptx_shard) else None
-        ppo_share, ptx_share = self.global_token_shares(
-            masked_count(exp.action_mask), masked_count(ptx_targets(b.loss_mask)) if b is not None else 0)
+        n_ppo, n_ptx = masked_count(exp.action_mask), masked_count(ptx_targets(b.loss_mask)) if b is not None else 0
+        ppo_share, ptx_share = self.global_token_shares(n_ppo, n_ptx)
+        pieces = self.micro_batches(len(exp))
         self.optimizer.zero_grad(set_to_none=True)
 
-        logp, ent = token_logprobs(self.model, exp.input_ids, exp.attention_mask, with_entropy=True,
-                                   temperature=self.ppo.temperature)
-        ent = ent.detach()
-        loss, stats = policy_loss(logp, exp.old_logprobs, exp.advantages, exp.action_mask,
-                                  clip=self.ppo.clip_ratio)
-        (loss * ppo_share).backward()  # share 1.0 (exact) on one rank
+        # PPO: every piece's clipped loss backward; stats weighted by the piece's tokens.
+        sums: dict[str, float] = {}
+        for part in exp.chunk(pieces):
+            with self.compute():
+                logp, ent = token_logprobs(self.model, part.input_ids, part.attention_mask, with_entropy=True,
+                                           temperature=self.ppo.temperature)
+            loss, stats = policy_loss(logp, part.old_logprobs, part.advantages, part.action_mask,
+                                      clip=self.ppo.clip_ratio)
+            w = masked_count(part.action_mask) / n_ppo if n_ppo else 1.0 / pieces
+            self.backward(loss * ppo_share * w)  # share 1.0 and w 1.0 (exact) on one rank, one piece
+            stats.update(loss=float(loss.detach()), entropy=float(masked_mean(ent.detach(), part.action_mask)))
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + w * v
         ppo_sq = self.grads.capture()
 
         ptx_loss = float("nan")
         if b is not None:
-            with torch.set_grad_enabled(coef != 0.0):
-                # T = 1: the ptx loss trains the model as a language model, not the sampler.
-                lm = ptx_lm_loss(policy_logits(self.model, b.input_ids, b.attention_mask),
-                                 b.input_ids, b.loss_mask)
+            lm_sum = 0.0
+            for part in b.chunk(pieces):
+                with torch.set_grad_enabled(coef != 0.0), self.compute():
+                    # T = 1: the ptx loss trains the model as a language model, not the sampler.
+                    lm = ptx_lm_loss(policy_logits(self.model, part.input_ids, part.attention_mask),
+                                     part.input_ids, part.loss_mask)
+                w = masked_count(ptx_targets(part.loss_mask)) / n_ptx if n_ptx else 1.0 / pieces
                 if coef != 0.0:
-                    (coef * lm * ptx_share).backward()  # accumulates onto the PPO gradient in .grad
-            ptx_loss = float(lm.detach())
+                    self.backward(coef * lm * ptx_share * w)  # accumulates onto the PPO gradient in .grad
+                lm_sum += w * float(lm.detach())
+            ptx_loss = lm_sum
         # Measured from the buffers themselves: whatever ptx added, and nothing else.
         ptx_sq = self.grads.absorb()
 
-        norm, skipped = self.synced_step(self.grads, self.optimizer, self.opt_cfg.max_grad_norm)
+        norm, skipped = self.synced_step(self.grads, self.optimizer, self.opt_cfg.max_grad_norm, self.scaler)
         if not skipped:
             self.ema.update(self.model)
-        stats.update(
-            loss=float(loss.detach()),
-            entropy=float(masked_mean(ent, exp.action_mask)),
+        loss_scale = self.scaler.scale if self.scaler.enabled else 1.0
+        return sums | dict(
             ptx_loss=ptx_loss,
-            ppo_grad_norm=math.sqrt(ppo_sq),
-            ptx_grad_norm=math.sqrt(ptx_sq),
+            ppo_grad_norm=math.sqrt(ppo_sq) / loss_scale,
+            ptx_grad_norm=math.sqrt(ptx_sq) / loss_scale,
             **self.step_stats(norm, skipped),
             version=float(self.version),
         )
-        return stats
 
     def end_iteration(self) -> int:
         """After an iteration's minibatches: advance the LR schedule and the weight version."""
@@ -147,12 +168,23 @@ class PolicyLearner(Learner):
             return self.flat.buckets(self.model)
         return self.staging.pack(self.model.named_parameters())
 
-    def publish_weights(self) -> tuple[list, list[BucketMeta], int]:
-        """CPU transport: each bucket `ray.put` once here; returns (refs, meta, version).
+    def publish_weights(self) -> tuple[list, list[BucketMeta], int] | None:
+        """CPU transport: each bucket `ray.put` once; returns (refs, meta, version) on rank 0.
 
-        The driver passes this call's ObjectRef to every generator's `install_published`
-        (the same refs for all), and calls `checksum` here while they load.
+        The driver passes rank 0's ObjectRef to every generator's `install_published`
+        (the same refs for all), and calls `checksum` while they load. Sharded, every
+        rank takes part: the full weights are gathered one bucket at a time, put, and
+        dropped, so a rank holds at most one bucket beyond its shard.
         """
+        if self.layout.sharded:
+            refs, metas = [], plan_buckets(list(self.model.named_parameters()), self.cap_bytes)
+            for bucket, meta in gathered_buckets(self.model.named_parameters(), metas):
+                if self.rank == 0:
+                    refs += put_buckets([bucket])
+                del bucket
+            return (refs, metas, self.version) if self.rank == 0 else None
+        if self.rank != 0:
+            return None
         buffers, meta = self.weight_buckets()
         return put_buckets(buffers), meta, self.version
 
@@ -166,11 +198,45 @@ class PolicyLearner(Learner):
         self.ema.load_state_dict(extra["ema"])
         self.version = int(extra["version"])
 
-    def save_pretrained(self, path: str, use_ema: bool = True) -> str:
-        """An HF directory of the policy (EMA weights by default, as the paper evaluates)."""
-        model = copy.deepcopy(self.model).cpu()
-        if use_ema:
-            self.ema.copy_to(model)
+    def sharded_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"ema": self.ema.shadow}
+
+    def plain_state(self) -> dict[str, Any]:
+        return super().plain_state() | {"version": self.version, "ema_updates": self.ema.num_updates,
+                                        "ema_buffers": self.ema.buffers}
+
+    def load_plain_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        super().load_plain_state(state)
+        self.version = int(state["version"])
+        self.ema.num_updates = int(state["ema_updates"])
+        self.ema.buffers = dict(state["ema_buffers"])
+        return state
+
+    def full_ema(self) -> dict[str, torch.Tensor]:
+        """Whole CPU copies of the EMA weights (a collective when sharded)."""
+        return {n: t.cpu().clone() for n, t in sharding.full_named_tensors(iter(self.ema.shadow.items()))}
+
+    def save_pretrained(self, path: str, use_ema: bool = True) -> str | None:
+        """An HF directory of the policy (EMA weights by default, as the paper evaluates).
+
+        Sharded, every rank gathers the weights (a collective) and rank 0 writes them into
+        a fresh unsharded copy of the model; other ranks return None.
+        """
+        if self.layout.sharded:
+            source = self.ema.shadow if use_ema else dict(self.model.named_parameters())
+            weights = {n: t.cpu() for n, t in sharding.full_named_tensors(iter(source.items()))}
+            if self.rank != 0:
+                return None
+            model = load_policy(self.policy_path, dtype=torch.float32)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(weights[name])
+        else:
+            if self.rank != 0:
+                return None
+            model = copy.deepcopy(self.model).cpu()
+            if use_ema:
+                self.ema.copy_to(model)
         out = Path(path)
         model.save_pretrained(out, safe_serialization=True)
         if (Path(self.policy_path) / "tokenizer_config.json").exists():

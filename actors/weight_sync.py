@@ -110,6 +110,26 @@ def pack_buckets(named: NamedTensors, cap_bytes: int = DEFAULT_CAP_BYTES
     return buffers, metas
 
 
+def gathered_buckets(named: NamedTensors, metas: Sequence[BucketMeta]
+                     ) -> Iterable[tuple[torch.Tensor, BucketMeta]]:
+    """Buckets of whole tensors from sharded ones (FSDP2 DTensors), one bucket at a time.
+
+    Each tensor is gathered (a collective: every rank iterates alike), copied into the
+    bucket's CPU buffer and dropped, so beyond its shard a rank holds one bucket and
+    one gathered tensor at a time.
+    """
+    from rlhf.sharding import full
+
+    tensors = dict(_items(named))
+    for meta in metas:
+        buf = torch.empty(meta.numel, dtype=getattr(torch, meta.dtype))
+        for s in meta.slots:
+            whole = full(tensors[s.name].detach())
+            buf[s.offset: s.offset + s.numel].copy_(whole.reshape(-1))
+            del whole
+        yield buf, meta
+
+
 class StagingBuffers:
     """Flat CPU buffers that every sync packs into in place.
 

@@ -15,6 +15,7 @@ exist nowhere else): `ActorLost` reaches the team, which rewinds the run.
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import ray
@@ -124,6 +125,7 @@ class Scorer:
 class _Group:
     """A trained role: a WorkerGroup whose ranks each take an even shard of a minibatch."""
     role = ""
+    file = ""  # its name in a checkpoint folder
 
     def __init__(self, faults: FaultHandler, make: Callable[[], WorkerGroup]):
         self.faults, self.make = faults, make
@@ -142,12 +144,12 @@ class _Group:
     def _forward(self, method: str, rollout: Rollout) -> Call:
         return self._submit(lambda: _sharded_forward(self.group, method, rollout), _cat)
 
-    def state(self) -> dict:
-        """Rank 0's full training state (all ranks hold the same)."""
-        return self._submit(lambda: [self.group.call_rank0("state_dict_for_checkpoint")]).result()[0]
+    def save_to(self, folder: Path) -> None:
+        """Every rank writes its part into a checkpoint folder (`<role file>.pt` or `<role file>/`)."""
+        gather(self.group.call_all("save_checkpoint", str(folder), self.file), self.role)
 
-    def load(self, state: dict) -> None:
-        gather(self.group.call_all("load_checkpoint_state", state), self.role)
+    def load_from(self, folder: Path) -> None:
+        gather(self.group.call_all("load_checkpoint", str(folder), self.file), self.role)
 
     def fresh(self) -> None:
         """Every rank replaced: a gloo/NCCL group with a dead rank is broken for the survivors."""
@@ -160,7 +162,7 @@ class _Group:
 
 class Learners(_Group):
     """The policy group: PPO-ptx steps, old logprobs, weights out."""
-    role = "learner"
+    role, file = "learner", "policy"
 
     def logprobs(self, rollout: Rollout) -> Call:
         return self._forward("logprobs", rollout)
@@ -176,14 +178,14 @@ class Learners(_Group):
         return self._submit(lambda: self.group.call_all("end_iteration"))
 
     def save_final(self, path) -> None:
-        """Rank 0 writes the EMA policy, as the paper evaluates it."""
-        gather([self.group.call_rank0("save_pretrained", str(path), use_ema=True)], self.role)
+        """Rank 0 writes the EMA policy, as the paper evaluates it (gathered first when sharded)."""
+        gather(self.group.call_all("save_pretrained", str(path), use_ema=True), self.role)
 
 
 class Critics(_Group):
     """The value group. Its state since the last checkpoint is that checkpoint plus the
     calls made since, so a restart loads the one and replays the other (bit for bit on CPU)."""
-    role = "critic"
+    role, file = "critic", "critic"
 
     def __init__(self, faults: FaultHandler, make: Callable[[], WorkerGroup]):
         super().__init__(faults, make)
@@ -207,11 +209,11 @@ class Critics(_Group):
             return values
         return finish
 
-    def restart(self, state: dict | None) -> None:
-        """A fresh group at `state` (None: the RM's weights), then the calls since replayed."""
+    def restart(self, folder: Path | None) -> None:
+        """A fresh group at checkpoint `folder` (None: the RM's weights), then the calls since replayed."""
         self.fresh()
-        if state is not None:
-            self.load(state)
+        if folder is not None:
+            self.load_from(folder)
         self.calls.replay(self.group, self.role)
 
     def checkpointed(self) -> None:

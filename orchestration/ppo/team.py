@@ -21,6 +21,8 @@ the generators sleep (free their GPU memory) while the other roles score and lea
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -35,6 +37,7 @@ from orchestration.rundir import StageDir
 from rlhf.config import Config
 from rlhf.placement import COLOCATED_GPU_MEMORY_UTILIZATION, actor_specs, colocated_layout
 from rlhf.seeds import derive_seed
+from rlhf.sharding import TrainLayout
 
 PLACEMENT_TIMEOUT_S = 120.0  # a colocated placement group that is not ready by then does not fit
 
@@ -124,7 +127,7 @@ class ActorTeam:
         num_cpus, num_gpus, options = self._seat(role, None)
         return WorkerGroup(cls, self.specs[role].count, path, num_cpus=num_cpus, num_gpus=num_gpus,
                            actor_options=options, ppo=self.p, optimizer=self.cfg.optimizer,
-                           seed=self.cfg.run.seed, **self._common(role))
+                           seed=self.cfg.run.seed, layout=TrainLayout.of(self.cfg), **self._common(role))
 
     def _make_sync(self):
         """The learner -> generators broadcast; colocated vLLM engines share the learner's GPU,
@@ -145,33 +148,37 @@ class ActorTeam:
         self._weight_sync.sync(only=[i])
 
     # ---- checkpoints and the rewind ---------------------------------------------------
-    def checkpoint_states(self) -> dict[str, dict]:
-        return {"policy.pt": self.learners.state(), "critic.pt": self.critics.state()}
+    def save_checkpoint(self, folder: Path) -> None:
+        """The learner and critic groups write their state into a checkpoint folder
+        (rank 0's replica, or every rank's shard)."""
+        self.learners.save_to(folder)
+        checkpoints.pause_for_tests()
+        self.critics.save_to(folder)
 
     def checkpointed(self) -> None:
         self.critics.checkpointed()
 
-    def load(self, states: dict[str, dict]) -> None:
+    def load(self, folder: Path) -> None:
         """A checkpoint's learner and critic states into the running groups."""
         self.critics.calls.clear()
-        self.learners.load(states["policy.pt"])
-        self.faults.retrying(lambda: self.critics.load(states["critic.pt"]))
+        self.learners.load_from(folder)
+        self.faults.retrying(lambda: self.critics.load_from(folder))
 
-    def rewind(self, lost: ActorLost) -> dict | None:
+    def rewind(self, lost: ActorLost) -> checkpoints.Checkpoint | None:
         """After a lost learner rank: a fresh policy group, it and the critic at the last
-        checkpoint, generators re-synced. Returns that checkpoint's states (None: the start)."""
-        states: dict | None = None
+        checkpoint, generators re-synced. Returns that checkpoint (None: the start)."""
+        states: checkpoints.Checkpoint | None = None
 
         def restart(_: int) -> None:
             nonlocal states
             self.learners.fresh()
-            self._weight_sync = make_sync(self.p.engine, self.learners.group, self.generators.actors)
+            self._weight_sync = self._make_sync()
             states = checkpoints.load_latest(self.stage)
             if states is None:  # back to the start: the critic's initial weights too
                 self.critics.calls.clear()
                 self.critics.restart(None)
             else:
-                self.load(states)
+                self.load(states.folder)
             self.sync(rewind=True)
         self.faults.recover(lost, restart)
         return states

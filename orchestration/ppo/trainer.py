@@ -158,27 +158,26 @@ class PPOTrainer:
         return self.observer.where
 
     def _rewound(self, lost: ActorLost) -> None:
-        states = self.team.rewind(lost)
-        self._load_driver_state(states["driver.pt"] if states is not None else self._initial_state)
+        ckpt = self.team.rewind(lost)
+        self._load_driver_state(ckpt.driver if ckpt is not None else self._initial_state)
         truncate_metrics(self.stage.metrics_file, self.iteration)
 
     # ---- state ----------------------------------------------------------------------
     def checkpoint(self) -> Path:
         self.observer.at(self.iteration, "checkpoint")
-        path = checkpoints.save(self.stage, self.iteration,
-                                self.team.checkpoint_states() | {"driver.pt": self._driver_state()})
+        path = checkpoints.save(self.stage, self.iteration, self.team.save_checkpoint, self._driver_state())
         self.team.checkpointed()
         return path
 
     def _restore(self) -> None:
         """The last complete checkpoint into the learner groups and the driver (none: the start)."""
-        states = checkpoints.load_latest(self.stage)
-        if states is None:
+        ckpt = checkpoints.load_latest(self.stage)
+        if ckpt is None:
             log.info("no checkpoint in %s; starting from iteration 0", self.stage.checkpoints)
             self._load_driver_state(self._initial_state)
             return
-        self.team.load(states)
-        self._load_driver_state(states["driver.pt"])
+        self.team.load(ckpt.folder)
+        self._load_driver_state(ckpt.driver)
         log.info("resumed %s at iteration %d", self.stage.path.name, self.iteration)
 
     def _driver_state(self) -> dict:

@@ -29,10 +29,14 @@ class ObjectStoreSync:
         # All submitted at once: the generators start when the learner has published, and
         # the learner fingerprints its weights while they load theirs. The learner's
         # results are gathered first, so a dead learner is not blamed on a generator.
-        published = self.learners.call_rank0("publish_weights")
+        # Every rank takes part (sharded, publishing and checksums gather the weights);
+        # rank 0 answers.
+        publishing = self.learners.call_all("publish_weights")
         which = list(range(len(self.generators))) if only is None else list(only)
-        loading = [self.generators[i].install_published.remote(published, rewind=rewind) for i in which]
-        (_, _, version), checksum = gather([published, self.learners.call_rank0("checksum")], "learner")
+        loading = [self.generators[i].install_published.remote(publishing[0], rewind=rewind) for i in which]
+        checksums = self.learners.call_all("checksum")
+        (_, _, version), checksum = gather([publishing[0], checksums[0]], "learner")
+        gather(publishing[1:] + checksums[1:], "learner")
         return _verified(checksum, gather(loading, "generator", which), version)
 
     def reconnect(self, generator) -> None:

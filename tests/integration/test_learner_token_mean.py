@@ -17,6 +17,7 @@ from actors.policy_learner import PolicyLearner
 from rlhf.collate import LMBatch, lm_batch, pack_text
 from rlhf.config import OptimizerConfig, PPOConfig
 from rlhf.experience import Experience
+from rlhf.sharding import TrainLayout
 
 pytestmark = pytest.mark.slow
 
@@ -109,16 +110,16 @@ def _check(one, one_params, two_params, halves, p0):
 @pytest.fixture(scope="module")
 def groups(ray_local, dirs):
     learners = WorkerGroup(PolicyLearner, 2, dirs["policy"], _ppo(), _opt(), num_cpus=CPU,
-                           num_threads=1, device="cpu", dtype="float64")
+                           num_threads=1, device="cpu", layout=TrainLayout(dtype="float64"))
     critics = WorkerGroup(CriticLearner, 2, dirs["rm"], _ppo(), _opt(), num_cpus=CPU,
-                          num_threads=1, device="cpu", dtype="float64")
+                          num_threads=1, device="cpu", layout=TrainLayout(dtype="float64"))
     yield learners, critics
     learners.shutdown()
     critics.shutdown()
 
 
 def _local(cls, path):
-    return cls(path, _ppo(), _opt(), num_threads=1, device="cpu", dtype="float64")
+    return cls(path, _ppo(), _opt(), num_threads=1, device="cpu", layout=TrainLayout(dtype="float64"))
 
 
 def test_policy_step_on_two_ranks_equals_one_rank(dirs, groups):
