@@ -258,3 +258,28 @@ def test_killed_fsdp_stage_resumes_as_the_uninterrupted_run(variants, tiny_confi
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref]
     assert [r["grad_norm"] for r in rows] == [r["grad_norm"] for r in ref]
     assert _max_weight_diff(root, name, "sft_resume_ref") == 0.0
+
+
+# ---------------------------------------------------------------- fp16 loss scaling (one process)
+
+def test_fp16_step_unscales_and_skips_an_overflowed_step():
+    from rlhf.schedules import cosine_to_fraction, lambda_lr
+    from rlhf.sharding import LossScaler
+
+    model = torch.nn.Linear(3, 1, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = lambda_lr(optimizer, cosine_to_fraction, total_steps=4, final_fraction=0.1)
+    scaler = LossScaler(True, init_scale=1024.0)
+    start = model.weight.detach().clone()
+
+    (model(torch.ones(1, 3)).sum() * scaler.scale).backward()  # d/dw = 1 per weight, times the scale
+    norm = harness.optimizer_step(model, optimizer, scheduler, None, scaler)
+    assert norm == pytest.approx(3 ** 0.5)  # the unscaled gradient's norm
+    assert torch.allclose(model.weight, start - 0.5)  # stepped with the unscaled gradient
+    assert scaler.scale == 1024.0 and model.weight.grad is None
+
+    after_good, lr_before = model.weight.detach().clone(), scheduler.get_last_lr()[0]
+    model.weight.grad = torch.full_like(model.weight, float("inf"))  # an fp16 overflow
+    norm = harness.optimizer_step(model, optimizer, scheduler, None, scaler)
+    assert norm == float("inf") and torch.equal(model.weight, after_good)  # skipped
+    assert scaler.scale == 512.0 and scheduler.get_last_lr()[0] < lr_before  # the schedule goes on
