@@ -28,6 +28,7 @@ shard sizes: N workers follow the same curve as one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -391,8 +392,6 @@ def _meta_twin(module: nn.Module) -> nn.Module:
         return ScalarModel(_meta_twin(module.model))
     if not isinstance(module, PreTrainedModel):
         raise TypeError(f"cannot save a sharded {type(module).__name__}: not an HF model or ScalarModel")
-    import copy
-
     with torch.device("meta"), torch.random.fork_rng(devices=[]):
         return _plain_class(module)(copy.deepcopy(module.config))
 
