@@ -128,6 +128,7 @@ def gathered_buckets(named: NamedTensors, metas: Sequence[BucketMeta]
             buf[s.offset: s.offset + s.numel].copy_(whole.reshape(-1))
             del whole
         yield buf, meta
+        del buf  # before the next bucket is allocated: one alive at a time
 
 
 class StagingBuffers:

@@ -12,6 +12,8 @@
 Adam's eps is 1, as in test_learner_token_mean.py: the first step is then ~lr * g,
 so a wrongly scaled gradient shows (at eps 1e-8 the step would be ~lr * sign(g)).
 """
+import sys
+
 import pytest
 import ray
 import torch
@@ -99,6 +101,12 @@ def _max_diff(a, b) -> float:
 def _policy_experience(learner, tok, dtype=torch.float32):
     ids, attn, act = _batch(tok)
     return _experience(ids, attn, act, learner.logprobs(ids, attn), torch.zeros(ids.shape, dtype=dtype))
+
+
+def _publish_growth(learner) -> int:
+    """Peak bytes `publish_weights` allocates on this rank (runs inside the actor)."""
+    from rlhf.memory_measure import measure_peak
+    return measure_peak(learner.publish_weights)[1].growth
 
 
 @pytest.fixture(scope="module")
@@ -228,5 +236,12 @@ def test_sharded_checkpoint_resumes_exactly_and_exports(dirs, fsdp_groups, ray_l
         published = unpack_buckets(buffers, metas)
         full = _full_params(fresh)[0]
         assert set(published) == set(full) and all(torch.equal(published[n], full[n]) for n in full)
+
+        # Beyond its shard, a publishing rank holds at most one bucket and one gathered tensor.
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
+        growth = ray.get([w.__ray_call__.remote(_publish_growth) for w in fresh.workers])
+        bucket = max(m.numel for m in metas) * 4
+        tensor = max(t.numel() for t in full.values()) * 4
+        assert all(g <= bucket + tensor + 64 * 1024 for g in growth), (growth, bucket, tensor)
     finally:
         fresh.shutdown()
