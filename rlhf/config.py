@@ -221,6 +221,8 @@ class ResourcesConfig(_Section):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     # Recompute each transformer block's activations in backward instead of keeping them.
     activation_checkpointing: bool = False
+    # Memory of one GPU; loading and --dry-run refuse a layout whose plan (rlhf.memory_plan) exceeds it.
+    gpu_memory_gb: float = Field(80.0, gt=0)
 
 
 class ServeConfig(_Section):
@@ -398,11 +400,14 @@ def check_geometry(cfg: Config, check_files: bool = True) -> list[tuple[str, str
     if m.policy == "tiny" and m.tiny.n_embd % m.tiny.n_head:
         p.append(("model.tiny.n_head", f"model.tiny.n_embd ({m.tiny.n_embd}) must be divisible by it"))
     if cfg.resources.num_gpus:
-        from rlhf.placement import gpus_needed  # placement reads Config: imported late
+        from rlhf.memory_plan import check_memory  # these read Config: imported late
+        from rlhf.placement import gpus_needed
         need = gpus_needed(cfg)
         if need > cfg.resources.num_gpus:
             p.append(("resources.num_gpus", f"the PPO actor groups need {need} GPUs "
                       "(see --dry-run); add GPUs or reduce the groups"))
+        else:  # each role's bytes per GPU against resources.gpu_memory_gb (see --dry-run)
+            p.extend(check_memory(cfg))
     syn = cfg.data.synthetic
     if syn.k_min > syn.k_max:
         p.append(("data.synthetic.k_min", f"greater than data.synthetic.k_max ({syn.k_max})"))
