@@ -26,6 +26,9 @@ FP32 = 4
 MLP_KEPT = {"gelu_new": 5, "gelu": 2, "gelu_pytorch_tanh": 2, "relu": 1}
 # A CUDA process's memory outside PyTorch's tensors: context, cuBLAS workspaces, NCCL buffers.
 CUDA_RUNTIME_BYTES = 2.0 * GB
+# rlhf.forward's causal-LM forwards leave HF's use_cache on, so every forward keeps every
+# layer's K and V until it returns (2 * layers * tokens * hidden); a unit test checks the code.
+CAUSAL_LM_FORWARD_KEEPS_KV = True
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -168,7 +171,8 @@ def train_activation_bytes(shape: ModelShape, rows: int, seq: int, compute_bytes
         return shape.layers * layer + embed + head_kept + max(head, backward)
     # Checkpointed, a kept KV cache outlives the blocks until the model returns its logits.
     inputs = shape.layers * compute_bytes * t * h
-    end_of_forward = inputs * (3 if kv_kept else 1) + embed + (compute_bytes * t * shape.vocab if loss != "scalar" else 0)
+    logits = compute_bytes * t * shape.vocab if loss != "scalar" else 0
+    end_of_forward = inputs * (3 if kv_kept else 1) + embed + logits
     # In a rebuilt block's backward its activation gradients take the place of the saved
     # tensors they free: about one layer's activations at once (measured).
     return max(end_of_forward, inputs + embed + head_kept + max(head, layer))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf import memory_math as mm
+from rlhf.memory_math import CAUSAL_LM_FORWARD_KEEPS_KV
 from rlhf.config import Config
 from rlhf.placement import actor_specs
 
@@ -22,9 +23,6 @@ from rlhf.placement import actor_specs
 VLLM_GPU_MEMORY_UTILIZATION = 0.85
 # The batch the learners and scorers score rollouts in (forward_batch_size / batch_size defaults).
 SCORING_ROWS = 64
-# rlhf.forward's causal-LM forwards leave HF's use_cache on, so every forward keeps every
-# layer's K and V until it returns (2 * layers * tokens * hidden); a test checks the code.
-CAUSAL_LM_FORWARD_KEEPS_KV = True
 
 
 @dataclass(frozen=True)
@@ -234,7 +232,8 @@ def generator_role(cfg: Config, shape: mm.ModelShape, count: int, title: str) ->
         if kv < one_sequence:  # vLLM refuses to start without room for one max_model_len sequence
             kv = one_sequence
         return RoleMemory("generator", title, count * tp, w, 0.0, 0.0, act, kv, runtime, "generate", hint,
-                          "resources.gpus_per_generator", {"generate": w + act + kv + runtime, "idle": w + kv + runtime})
+                          "resources.gpus_per_generator",
+                          {"generate": w + act + kv + runtime, "idle": w + kv + runtime})
     # Colocated, a generator sleeps between generations (weights and KV cache released).
     return RoleMemory("generator", title, count * tp, w, 0.0, 0.0, act, kv_need, runtime, "generate", hint,
                       "resources.gpus_per_generator", {"generate": w + act + kv_need + runtime, "idle": runtime})

@@ -98,7 +98,7 @@ def test_the_plan_knows_whether_the_policy_forward_keeps_hfs_kv_cache():
     model.register_forward_hook(lambda m, args, out: kept.append(out.past_key_values is not None))
     ids = torch.randint(0, 97, (2, 8))
     token_logprobs(model, ids, torch.ones_like(ids))
-    assert kept == [CAUSAL_LM_FORWARD_KEEPS_KV], "rlhf.forward changed use_cache: update rlhf/memory_plan.py"
+    assert kept == [CAUSAL_LM_FORWARD_KEEPS_KV], "rlhf.forward changed use_cache: update rlhf/memory_math.py"
 
 
 def test_the_vllm_share_is_the_engines():
@@ -145,7 +145,7 @@ def test_state_arithmetic_of_a_6b_model():
     "instructgpt-1.3b",
     pytest.param("instructgpt-6b", marks=pytest.mark.xfail(strict=True, reason=(
         "the 6B reference scorer keeps HF's KV cache while it scores 64 rows (60 GB): fits once "
-        "rlhf.forward passes use_cache=False (then set CAUSAL_LM_FORWARD_KEEPS_KV = False)"))),
+        "rlhf.forward passes use_cache=False (then set rlhf.memory_math.CAUSAL_LM_FORWARD_KEEPS_KV = False)"))),
     pytest.param("instructgpt-175b", marks=pytest.mark.xfail(strict=True, reason=(
         "a 175B reference on one GPU, and 8 ptx rows' activations per learner rank, need model "
         "parallelism (tensor/sequence) or sharded scorers, which are not implemented"))),
