@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf import memory_math as mm
-from rlhf.memory_math import CAUSAL_LM_FORWARD_KEEPS_KV
 from rlhf.config import Config
+from rlhf.memory_math import CAUSAL_LM_FORWARD_KEEPS_KV
 from rlhf.placement import actor_specs
 
 # vLLM reserves this share of each GPU (actors/engines/vllm_engine.llm_kwargs' default; a test compares).
