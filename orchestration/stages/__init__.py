@@ -1,1 +1,4 @@
-"""Pipeline stages 0-2 (pretrain, SFT, RM) as Ray Train jobs; shared harness in `harness`."""
+"""Pipeline stages 0-2 (pretrain, SFT, RM) as Ray Train jobs.
+
+Shared: `harness` runs a stage and orders its data, `training` steps it, `checkpointing` saves and exports it.
+"""

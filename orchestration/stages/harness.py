@@ -1,22 +1,17 @@
-"""The Ray Train harness shared by stages 0-2.
+"""Running a stage of 0-2 on Ray Train workers (or locally), and its data order.
 
 A stage is a loop function `loop(ctx, **kwargs) -> dict` run on every worker of
 a `TorchTrainer` (gloo on CPU, NCCL on GPU). `ctx` (`WorkerContext`) says
 who the worker is and carries the few collectives a loop needs. Rank 0 alone
 logs (JSONL + TensorBoard + a progress bar), writes the final model and the
 loop's summary to `<stage>/summary.json`, which the driver returns:
-`ray.train.report` costs ~1 s a call and is not needed.
+`ray.train.report` costs ~1 s a call and is not needed. The loop's training
+mechanics are `training`'s; its checkpoints and HF export `checkpointing`'s.
 
 How a worker holds its model is `rlhf.sharding`'s (`resources.strategy`,
-`model.dtype`, `resources.activation_checkpointing`): under "ddp" a full replica
-(DistributedDataParallel for world > 1) and rank 0 writes checkpoints alone;
-under "fsdp" each worker holds a shard, every worker writes its part of a
-checkpoint (`rlhf.dist_checkpoint`) into the one atomic folder, and the final HF
-directory is gathered from the shards. A 16-bit `model.dtype` computes forwards
-in it over float32 master weights (fp16 with a loss scaler). A worker's share of
-a batch runs as micro-batches of `<stage>.micro_batch_size` (`Trainer.accumulate`),
-each loss weighted by its own share of the global batch, so the summed gradient
-is the whole share's.
+`model.dtype`, `resources.activation_checkpointing`), applied by
+`WorkerContext.wrap`: under "ddp" a full replica (DistributedDataParallel for
+world > 1); under "fsdp" each worker holds a shard.
 
 Data order is a pure function of (seed, epoch): every worker computes the same
 global batch and takes its own contiguous shard, so a resumed run only has to
@@ -27,34 +22,23 @@ shard sizes: N workers follow the same curve as one.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-import hashlib
 import json
-import math
 import os
 import random
 import shutil
-import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
-from rlhf import dist_checkpoint, sharding, train_state
+from rlhf import sharding
 from rlhf.batch import split_evenly
 from rlhf.config import Config
-from rlhf.masked import global_share  # noqa: F401  (the stages call harness.global_share)
-from rlhf.models import ScalarModel, load_state_file
-from rlhf.schedules import cosine_to_fraction, lambda_lr
 from rlhf.seeds import derive_seed
-from rlhf.train_state import make_optimizer
-from orchestration.rundir import MetricsLogger, StageDir, atomic_write_dir, truncate_metrics
+from orchestration.rundir import StageDir
 
 DEFAULT_CHECKPOINT_EVERY = 100  # optimizer steps; stages 0-2 have no config field for it yet
 SUMMARY = "summary.json"
@@ -174,274 +158,6 @@ def seed_worker(seed: int, rank: int) -> None:
     torch.manual_seed(s)
 
 
-# ---------------------------------------------------------------- optimisation
-
-def micro_batches(items: Sequence, micro_batch_size: int | None, most: int | None = None) -> list[list]:
-    """A worker's share of a batch as consecutive micro-batches of at most `micro_batch_size`.
-
-    None is the whole share in one. Every worker must run the same number (DDP's last
-    backward syncs, FSDP's forwards are collectives): `most` is the largest share any
-    worker holds (default: this one's). A worker with fewer items than micro-batches
-    gets some empty ones (`Trainer.accumulate` runs them as zero-weight forwards).
-    """
-    if micro_batch_size is None:
-        return [list(items)]
-    n = -(-(len(items) if most is None else most) // micro_batch_size)
-    return split_evenly(items, max(n, 1))
-
-
-@dataclasses.dataclass
-class Trainer:
-    """The model as this worker trains it, its optimizer, LR schedule and (fp16) loss scaler."""
-    ctx: WorkerContext
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: sharding.LossScaler
-
-    @property
-    def sharded(self) -> bool:
-        return sharding.is_sharded(self.model)
-
-    def accumulate(self, parts: Sequence, loss_fn: Callable[[Any], tuple[torch.Tensor, Any]],
-                   size: Callable[[Any], int] = len) -> list:
-        """Forward and backward each micro-batch; gradients sum over them. Returns the parts' stats.
-
-        `loss_fn(part) -> (loss, stats)` runs under the compute context; the loss must
-        already be weighted by the part's share of the global batch. DDP syncs on the
-        last backward only (`no_sync` before); FSDP2 reduce-scatters after each one into
-        its sharded gradients (a no-sync there would keep full-size gradients). A part
-        of `size` 0 (`micro_batches`: a worker with fewer items than micro-batches) runs
-        the first non-empty part again with its loss times 0, so that the workers'
-        collectives stay in step; its stats are dropped.
-        """
-        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
-        filler = next((p for p in parts if size(p)), None)
-        out = []
-        for i, part in enumerate(parts):
-            last, empty = i == len(parts) - 1, not size(part)
-            with self.model.no_sync() if ddp and not last else contextlib.nullcontext():
-                with self.ctx.compute():
-                    loss, stats = loss_fn(filler if empty else part)
-                if empty:
-                    loss = loss * 0.0
-                (loss * self.scaler.scale if self.scaler.enabled else loss).backward()
-            if not empty:
-                out.append(stats)
-        return out
-
-    def step(self, max_grad_norm: float | None) -> float:
-        return optimizer_step(self.model, self.optimizer, self.scheduler, max_grad_norm, self.scaler)
-
-    def state_dict_extra(self) -> dict:
-        """What a checkpoint holds beyond today's (ddp, float32) contents: the fp16 loss scale."""
-        return {"scaler": self.scaler.state_dict()} if self.scaler.enabled else {}
-
-    def metrics(self) -> dict:
-        """Extra per-step metrics: the fp16 loss scale (nothing otherwise)."""
-        return {"loss_scale": self.scaler.scale} if self.scaler.enabled else {}
-
-
-def optimizer_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float | None,
-                   scaler: sharding.LossScaler | None = None) -> float:
-    """Clip (if configured), step, advance the LR schedule, clear grads; returns the grad norm.
-
-    With an enabled (fp16) loss scaler the gradients are unscaled first, and a step
-    whose gradients overflowed is skipped (the schedule still advances) and the scale
-    lowered. Under FSDP the norm is a DTensor over all shards: its full value is taken.
-    """
-    if scaler is not None and scaler.enabled:
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.div_(scaler.scale)
-    norm = float(sharding.full(nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))))
-    finite = math.isfinite(norm)
-    if finite or scaler is None or not scaler.enabled:
-        optimizer.step()
-    if scaler is not None:
-        scaler.update(finite)
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm
-
-
-# ---------------------------------------------------------------- state and checkpoints
-
-@dataclasses.dataclass
-class TrainState:
-    step: int = 0            # optimizer steps done
-    epoch: int = 0           # epoch in progress
-    batch_in_epoch: int = 0  # batches of `epoch` already consumed
-    extra: dict = dataclasses.field(default_factory=dict)  # e.g. the untrained model's loss
-
-    def next_step(self) -> None:
-        self.step += 1
-        self.batch_in_epoch += 1
-
-    def next_epoch(self) -> None:
-        self.epoch += 1
-        self.batch_in_epoch = 0
-
-
-def start_training(ctx: WorkerContext, model: nn.Module, lr: float, total_steps: int,
-                   final_lr_fraction: float, desc: str):
-    """The model as this worker trains it (`WorkerContext.wrap`), Adam with a cosine schedule
-    to `final_lr_fraction`, the newest checkpoint restored and a progress bar.
-
-    Returns (trainer, state, progress).
-    """
-    model = ctx.wrap(model)  # on the device (and sharded) before the optimizer (and a restored state) sees it
-    optimizer = make_optimizer(model.parameters(), lr, ctx.cfg.optimizer)
-    scheduler = lambda_lr(optimizer, cosine_to_fraction, total_steps=total_steps, final_fraction=final_lr_fraction)
-    trainer = Trainer(ctx, model, optimizer, scheduler,
-                      sharding.LossScaler(ctx.layout.compute == torch.float16))
-    state = restore_latest(ctx, trainer)
-    model.train()
-    return trainer, state, Progress(ctx, total_steps, state.step, desc=desc)
-
-
-def save_checkpoint(ctx: WorkerContext, state: TrainState, trainer: Trainer) -> None:
-    """Model, optimizer, schedule, position and every worker's RNG state, atomically.
-
-    Unsharded: rank 0 writes it all (`state.pt`). Sharded: rank 0 opens the atomic
-    folder, every worker writes its shards and its own plain state into it
-    (`rlhf.dist_checkpoint`), and rank 0 completes it once all have.
-    """
-    if trainer.sharded:
-        return _save_sharded(ctx, state, trainer)
-    rngs = ctx.gather(train_state.rng_state())
-    if ctx.is_main:
-        blob = {"model": unwrap(trainer.model).state_dict(), "optimizer": trainer.optimizer.state_dict(),
-                "scheduler": trainer.scheduler.state_dict(), "state": dataclasses.asdict(state), "rng": rngs,
-                **trainer.state_dict_extra()}
-        ctx.stage.save_checkpoint(state.step, lambda d: torch.save(blob, d / "state.pt"))
-    ctx.barrier()
-
-
-def _save_sharded(ctx: WorkerContext, state: TrainState, trainer: Trainer) -> None:
-    plain = {"scheduler": trainer.scheduler.state_dict(), "state": dataclasses.asdict(state),
-             "rng": train_state.rng_state(), **trainer.state_dict_extra()}
-
-    def write(folder: Path | None) -> None:  # every worker; rank 0 inside the atomic write
-        folder = Path(ctx.broadcast(str(folder) if folder is not None else None))
-        dist_checkpoint.save(folder, trainer.model, trainer.optimizer, {}, plain)
-        ctx.barrier()  # all shards are written before rank 0 marks the folder complete
-
-    if ctx.is_main:
-        ctx.stage.save_checkpoint(state.step, write)
-    else:
-        write(None)
-    ctx.barrier()
-
-
-def restore_latest(ctx: WorkerContext, trainer: Trainer) -> TrainState:
-    """Load the stage's newest complete checkpoint if any, and cut metrics logged after it."""
-    path = ctx.stage.latest_checkpoint()
-    state = TrainState()
-    if path is not None:
-        if dist_checkpoint.is_sharded_checkpoint(path) != trainer.sharded:
-            written, now = ("fsdp", "ddp") if not trainer.sharded else ("ddp", "fsdp")
-            raise ValueError(f"{path}: written by a {written} run, and resources.strategy is now {now}; "
-                             "resume with the strategy it was written with")
-        if trainer.sharded:
-            blob = dist_checkpoint.load(path, trainer.model, trainer.optimizer, {})
-            rng = blob["rng"]
-        else:
-            # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
-            blob = load_state_file(path / "state.pt")
-            unwrap(trainer.model).load_state_dict(blob["model"])
-            trainer.optimizer.load_state_dict(blob["optimizer"])
-            rng = blob["rng"][ctx.rank % len(blob["rng"])]
-        trainer.scheduler.load_state_dict(blob["scheduler"])
-        if trainer.scaler.enabled and "scaler" in blob:
-            trainer.scaler.load_state_dict(blob["scaler"])
-        train_state.set_rng_state(rng)
-        state = TrainState(**blob["state"])
-    if ctx.is_main:  # rows after the checkpoint (or all, without one) are about to be redone
-        truncate_metrics(ctx.stage.metrics_file, state.step + 1 if path is not None else 0)
-    ctx.barrier()
-    return state
-
-
-def save_hf(ctx: WorkerContext, target: Path, model, tokenizer) -> None:
-    """Rank 0 writes an HF directory (model + tokenizer) atomically; everyone waits.
-
-    A sharded model is gathered first (every worker takes part) into an unsharded copy.
-    """
-    model = unwrap(model)
-    if sharding.is_sharded(model):
-        state = sharding.full_state_dict(model)  # collective
-        model = unsharded_copy(model, state) if ctx.is_main else None
-        del state
-    if ctx.is_main:
-        atomic_write_dir(target, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
-    ctx.barrier()
-
-
-def _plain_class(module: nn.Module) -> type:
-    from torch.distributed.fsdp import FSDPModule
-
-    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
-
-
-def _meta_twin(module: nn.Module) -> nn.Module:
-    """The same (unsharded) model class and config with weights on the meta device."""
-    from transformers import PreTrainedModel
-
-    if isinstance(module, ScalarModel):
-        return ScalarModel(_meta_twin(module.model))
-    if not isinstance(module, PreTrainedModel):
-        raise TypeError(f"cannot save a sharded {type(module).__name__}: not an HF model or ScalarModel")
-    with torch.device("meta"), torch.random.fork_rng(devices=[]):
-        return _plain_class(module)(copy.deepcopy(module.config))
-
-
-def unsharded_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A plain module of `model`'s class and config holding `state` (a full state dict, CPU)."""
-    twin = _meta_twin(model)
-    twin.load_state_dict(state, strict=True, assign=True)
-    # Assigning gave tied weights (GPT-2's unembedding) separate copies: tie them again.
-    (twin.model if isinstance(twin, ScalarModel) else twin).tie_weights()
-    live = dict(model.named_buffers())  # non-persistent buffers are not in the state dict
-    for name, buf in list(twin.named_buffers()):
-        if buf.is_meta:
-            owner, _, attr = name.rpartition(".")
-            twin.get_submodule(owner)._buffers[attr] = live[name].detach().to("cpu", copy=True)
-    meta = [n for n, p in twin.named_parameters() if p.is_meta]
-    if meta:
-        raise RuntimeError(f"unsharded copy lacks weights {meta}")
-    return twin
-
-
-# ---------------------------------------------------------------- progress and metrics
-
-class Progress:
-    """Rank 0's view of training: a tqdm bar (loss, tokens/s) and the metrics log."""
-
-    def __init__(self, ctx: WorkerContext, total_steps: int, start_step: int, desc: str):
-        self.main = ctx.is_main
-        self.logger = MetricsLogger(ctx.stage) if self.main else None
-        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, mininterval=2.0,
-                        dynamic_ncols=True, disable=not self.main)
-        self._t = time.perf_counter()
-
-    def step(self, step: int, tokens: float, **metrics: float) -> None:
-        now = time.perf_counter()
-        tps, self._t = tokens / max(now - self._t, 1e-9), now
-        self.log(step, tokens_per_s=tps, **metrics)
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", tok_s=f"{tps:.0f}", refresh=False)
-
-    def log(self, step: int, **metrics: float) -> None:
-        if self.main:
-            self.logger.log(step, **metrics)
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.main:
-            self.logger.close()
-
-
 # ---------------------------------------------------------------- running a stage
 
 Loop = Callable[..., dict]
@@ -552,15 +268,3 @@ def _run(ctx: WorkerContext, loop: Loop, kwargs: dict) -> dict:
         tmp.replace(ctx.stage.path / SUMMARY)
     ctx.barrier()
     return summary
-
-
-def weights_checksum(model: nn.Module) -> str:
-    """sha256 of every parameter's (whole) bytes: equal across DDP workers when they are in sync.
-
-    Collective for a sharded model (every worker calls it; each gets the full weights' sum).
-    """
-    h = hashlib.sha256()
-    for name, p in sorted(unwrap(model).named_parameters(), key=lambda item: item[0]):
-        h.update(name.encode())
-        h.update(sharding.full(p.detach()).cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()

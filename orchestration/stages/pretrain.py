@@ -14,12 +14,13 @@ import torch
 
 from orchestration import stage_data
 from orchestration.rundir import StageDir
-from orchestration.stages import harness
+from orchestration.stages import checkpointing, harness, training
 from rlhf.collate import LMBatch, lm_batch, pack_text
 from rlhf.config import Config
 from rlhf.data import TextRecord
 from rlhf.forward import policy_logits
 from rlhf.losses import ptx_lm_loss
+from rlhf.masked import global_share
 from rlhf.models import load_policy, load_tokenizer
 from rlhf.synthetic import tokenizer_training_text
 from rlhf.tiny import make_tiny_base
@@ -94,7 +95,7 @@ def train_loop(ctx: harness.WorkerContext, base: str) -> dict:
     train = blocks_of(cfg, tokenizer, "train", pc.seq_len)
     valid = [lm_batch(b) for b in blocks_of(cfg, tokenizer, "valid", pc.seq_len).split(EVAL_BATCH)]
     per_epoch = len(train) // pc.batch_size
-    trainer, state, progress = harness.start_training(ctx, model, pc.lr, pc.steps, pc.final_lr_fraction, desc=STAGE)
+    trainer, state, progress = training.start_training(ctx, model, pc.lr, pc.steps, pc.final_lr_fraction, desc=STAGE)
     model = trainer.model
     if state.step == 0:
         state.extra["val_loss_untrained"] = heldout_loss(ctx, model, valid)
@@ -102,13 +103,13 @@ def train_loop(ctx: harness.WorkerContext, base: str) -> dict:
 
     while state.step < pc.steps:
         rows = ctx.shard(harness.stream_batch(len(train), pc.batch_size, cfg.run.seed, state.step))
-        parts = [lm_batch(train[part]).to(ctx.device) for part in harness.micro_batches(rows, pc.micro_batch_size)]
+        parts = [lm_batch(train[part]).to(ctx.device) for part in training.micro_batches(rows, pc.micro_batch_size)]
         n = sum(float(b.loss_mask[:, 1:].sum()) for b in parts)
         _, n_all = ctx.all_sum([0.0, n])
 
         def part_loss(batch: LMBatch):  # its targets' share of the global batch's
             loss, k = lm_loss(model, batch)
-            return loss * harness.global_share(k, n_all, ctx.world), loss.item() * k
+            return loss * global_share(k, n_all, ctx.world), loss.item() * k
 
         loss_sum = sum(trainer.accumulate(parts, part_loss))
         lr = trainer.scheduler.get_last_lr()[0]
@@ -123,13 +124,13 @@ def train_loop(ctx: harness.WorkerContext, base: str) -> dict:
             state.extra["val_loss"] = heldout_loss(ctx, model, valid)
             progress.log(state.step, val_loss=state.extra["val_loss"], epoch=state.epoch)
         if end_of_epoch or state.step % ctx.checkpoint_every == 0:
-            harness.save_checkpoint(ctx, state, trainer)
+            checkpointing.save_checkpoint(ctx, state, trainer)
 
     progress.close()
-    harness.save_hf(ctx, ctx.stage.final, model, tokenizer)
+    checkpointing.save_hf(ctx, ctx.stage.final, model, tokenizer)
     return {"val_loss_untrained": state.extra["val_loss_untrained"], "val_loss": state.extra["val_loss"],
             "steps": state.step, "train_blocks": len(train),
-            "weights_checksums": ctx.gather(harness.weights_checksum(model))}
+            "weights_checksums": ctx.gather(training.weights_checksum(model))}
 
 
 def main(cfg: Config, resume: bool = False, checkpoint_every: int | None = None) -> dict:

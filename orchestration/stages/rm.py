@@ -19,11 +19,12 @@ import torch
 
 from orchestration import stage_data
 from orchestration.rundir import StageDir
-from orchestration.stages import harness
+from orchestration.stages import checkpointing, harness, training
 from rlhf.collate import RankingBatch, TokenLimits, collate_encoded, collate_rankings, encode_comparisons, \
     encode_demonstrations
 from rlhf.config import Config
 from rlhf.losses import rm_bias, rm_ranking_loss
+from rlhf.masked import global_share
 from rlhf.models import ScalarModel, load_tokenizer
 from rlhf.tiny import set_residual_dropout
 
@@ -98,20 +99,20 @@ def train_loop(ctx: harness.WorkerContext, init: str) -> dict:
     valid = {name: groups for name, groups in valid.items() if groups}  # no gold outside the synthetic task
     per_epoch = len(train) // rc.batch_size
     total = rc.epochs * per_epoch
-    trainer, state, progress = harness.start_training(ctx, model, rc.lr, total, rc.final_lr_fraction, desc=STAGE)
+    trainer, state, progress = training.start_training(ctx, model, rc.lr, total, rc.final_lr_fraction, desc=STAGE)
     model = trainer.model
 
     for epoch in range(state.epoch, rc.epochs):
         for idx in harness.epoch_batches(len(train), rc.batch_size, cfg.run.seed, epoch)[state.batch_in_epoch:]:
             mine = ctx.shard(idx)
             parts = [collate_rankings([train[i] for i in part], pad).to(ctx.device)
-                     for part in harness.micro_batches(mine, rc.micro_batch_size)]
+                     for part in training.micro_batches(mine, rc.micro_batch_size)]
             prompts_all, tok_all = ctx.all_sum([len(mine), sum(b.num_tokens for b in parts)])
 
             def part_loss(batch: RankingBatch):  # its prompts' share of the global batch's
                 loss, stats = rm_ranking_loss(rm_scores(model, batch), batch.ranks, batch.group_ids)
                 n = len(batch.input_ids)
-                return (loss * harness.global_share(n, prompts_all, ctx.world),
+                return (loss * global_share(n, prompts_all, ctx.world),
                         (loss.item() * n, stats["accuracy"] * stats["n_pairs"], stats["n_pairs"]))
 
             sums = trainer.accumulate(parts, part_loss, size=lambda b: len(b.input_ids))
@@ -122,12 +123,12 @@ def train_loop(ctx: harness.WorkerContext, init: str) -> dict:
             progress.step(state.step, tokens=tok_all, loss=loss_all / prompts_all, accuracy=correct_all / pairs_all,
                           lr=lr, grad_norm=grad_norm, **trainer.metrics())
             if state.step % ctx.checkpoint_every == 0:
-                harness.save_checkpoint(ctx, state, trainer)
+                checkpointing.save_checkpoint(ctx, state, trainer)
         state.next_epoch()
         state.extra["valid"] = {name: ranking_accuracy(ctx, model, groups, pad) for name, groups in valid.items()}
         progress.log(state.step, epoch=state.epoch, **{f"val_{name}_{k}": v for name, r in state.extra["valid"].items()
                                                      for k, v in r.items()})
-        harness.save_checkpoint(ctx, state, trainer)
+        checkpointing.save_checkpoint(ctx, state, trainer)
 
     limits = TokenLimits(cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
     demos, _ = encode_demonstrations(tokenizer, stage_data.load(cfg, "demonstrations", "valid", tokenizer), limits)
@@ -137,10 +138,10 @@ def train_loop(ctx: harness.WorkerContext, init: str) -> dict:
     demo_mean = sum(demonstration_scores(ctx, model, demos, pad)) / len(demos)
     progress.log(state.step, reward_bias=raw.reward_bias, demo_score_mean=demo_mean)
     progress.close()
-    harness.save_hf(ctx, ctx.stage.final, model, tokenizer)
+    checkpointing.save_hf(ctx, ctx.stage.final, model, tokenizer)
     return {"valid": state.extra["valid"], "reward_bias": raw.reward_bias, "demo_score_mean": demo_mean,
             "steps": state.step, "train_prompts": len(train),
-            "weights_checksums": ctx.gather(harness.weights_checksum(model))}
+            "weights_checksums": ctx.gather(training.weights_checksum(model))}
 
 
 def main(cfg: Config, resume: bool = False, checkpoint_every: int | None = None) -> dict:

@@ -20,13 +20,14 @@ import torch
 
 from orchestration import stage_data
 from orchestration.rundir import StageDir, atomic_write_dir
-from orchestration.stages import harness
+from orchestration.stages import checkpointing, harness, training
 from orchestration.stages.pretrain import base_model, heldout_loss
 from rlhf.batch import split_evenly
 from rlhf.collate import LMBatch, TokenLimits, collate_encoded, encode_demonstrations, lm_batch, pack_text
 from rlhf.config import Config, SFTConfig
 from rlhf.forward import policy_logits
 from rlhf.losses import ptx_lm_loss
+from rlhf.masked import global_share
 from rlhf.models import ScalarModel, load_policy, load_tokenizer
 from rlhf.sampling import sample_and_score
 from rlhf.tiny import set_residual_dropout
@@ -77,8 +78,8 @@ def sft_part_loss(ctx: harness.WorkerContext, model, demos: LMBatch, ptx: LMBatc
     p_loss = ptx_lm_loss(logits[n:], both.input_ids[n:], both.loss_mask[n:])  # 0 when empty
     d_n, p_n = float(demos.loss_mask[:, 1:].sum()), float(ptx.loss_mask[:, 1:].sum())
     f = totals.p_rows / (totals.d_rows + totals.p_rows)
-    loss = ((1 - f) * d_loss * harness.global_share(d_n, totals.d_all, ctx.world)
-            + f * p_loss * harness.global_share(p_n, totals.p_all, ctx.world))
+    loss = ((1 - f) * d_loss * global_share(d_n, totals.d_all, ctx.world)
+            + f * p_loss * global_share(p_n, totals.p_all, ctx.world))
     return loss, (d_loss.item() * d_n, p_loss.item() * p_n)
 
 
@@ -117,7 +118,7 @@ def micro_parts(ctx: harness.WorkerContext, train: list, blocks: torch.Tensor, i
     share = [(True, i) for i in ctx.shard(idx)] + [(False, j) for j in ctx.shard(ptx_idx)]
     most = max(len(d) + len(p) for d, p in zip(split_evenly(idx, ctx.world), split_evenly(ptx_idx, ctx.world)))
     parts = []
-    for part in harness.micro_batches(share, micro_batch_size, most):
+    for part in training.micro_batches(share, micro_batch_size, most):
         d_rows, p_rows = [i for is_demo, i in part if is_demo], [j for is_demo, j in part if not is_demo]
         demos = collate_encoded([train[i] for i in d_rows], pad) if d_rows else lm_batch(blocks[:0, :1])
         parts.append((demos.to(ctx.device), lm_batch(blocks[p_rows]).to(ctx.device)))
@@ -127,7 +128,7 @@ def micro_parts(ctx: harness.WorkerContext, train: list, blocks: torch.Tensor, i
 def save_policy(ctx: harness.WorkerContext, target: Path, model, tokenizer, dropout: float) -> None:
     """Saved without dropout: it is a training setting, and PPO must not inherit it."""
     set_residual_dropout(harness.unwrap(model), 0.0)
-    harness.save_hf(ctx, target, model, tokenizer)
+    checkpointing.save_hf(ctx, target, model, tokenizer)
     set_residual_dropout(harness.unwrap(model), dropout)
 
 
@@ -147,7 +148,7 @@ def train_loop(ctx: harness.WorkerContext, section: str, base: str) -> dict:
                         cfg.ptx_block_tokens) if n_ptx else torch.zeros((0, 1), dtype=torch.long))
     per_epoch = len(train) // n_demo
     total = sc.epochs * per_epoch
-    trainer, state, progress = harness.start_training(ctx, model, sc.lr, total, sc.final_lr_fraction, desc=section)
+    trainer, state, progress = training.start_training(ctx, model, sc.lr, total, sc.final_lr_fraction, desc=section)
     model = trainer.model
 
     for epoch in range(state.epoch, sc.epochs):
@@ -163,18 +164,18 @@ def train_loop(ctx: harness.WorkerContext, section: str, base: str) -> dict:
             state.next_step()
             progress.step(state.step, lr=lr, grad_norm=grad_norm, **stats, **trainer.metrics())
             if state.step % ctx.checkpoint_every == 0:
-                harness.save_checkpoint(ctx, state, trainer)
+                checkpointing.save_checkpoint(ctx, state, trainer)
         val_loss = heldout_loss(ctx, model, valid)
         state.next_epoch()
         state.extra.setdefault("val_loss", []).append(val_loss)
         progress.log(state.step, val_loss=val_loss, epoch=state.epoch)
         save_policy(ctx, ctx.stage.path / "epochs" / f"epoch_{state.epoch:03d}", model, tokenizer, sc.resid_pdrop)
-        harness.save_checkpoint(ctx, state, trainer)
+        checkpointing.save_checkpoint(ctx, state, trainer)
 
     progress.close()
     save_policy(ctx, ctx.stage.final, model, tokenizer, sc.resid_pdrop)
     return {"val_loss": state.extra["val_loss"], "steps": state.step, "train_examples": len(train),
-            "final_epoch": sc.epochs, "weights_checksums": ctx.gather(harness.weights_checksum(model))}
+            "final_epoch": sc.epochs, "weights_checksums": ctx.gather(training.weights_checksum(model))}
 
 
 @torch.no_grad()

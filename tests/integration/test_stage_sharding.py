@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from orchestration import stage_data
 from orchestration.rundir import StageDir, read_metrics
-from orchestration.stages import harness, pretrain, rm, sft
+from orchestration.stages import checkpointing, harness, pretrain, rm, sft, training
 from rlhf import dist_checkpoint
 from rlhf.models import ScalarModel, load_policy
 
@@ -98,13 +98,13 @@ def _all_runs(ctx: harness.WorkerContext, runs: list, base: str) -> dict:
 
 def _killed_after_checkpoint(ctx: harness.WorkerContext, base: str, kill_after: int) -> dict:
     """The stage, with every worker dying (no clean-up) right after the checkpoint of step `kill_after`."""
-    save = harness.save_checkpoint
+    save = checkpointing.save_checkpoint
 
     def save_then_die(ctx_, state, trainer):
         save(ctx_, state, trainer)
         if state.step >= kill_after:
             os._exit(17)
-    harness.save_checkpoint = save_then_die
+    checkpointing.save_checkpoint = save_then_die
     return sft.train_loop(ctx, section="sft", base=base)
 
 
@@ -273,13 +273,13 @@ def test_fp16_step_unscales_and_skips_an_overflowed_step():
     start = model.weight.detach().clone()
 
     (model(torch.ones(1, 3)).sum() * scaler.scale).backward()  # d/dw = 1 per weight, times the scale
-    norm = harness.optimizer_step(model, optimizer, scheduler, None, scaler)
+    norm = training.optimizer_step(model, optimizer, scheduler, None, scaler)
     assert norm == pytest.approx(3 ** 0.5)  # the unscaled gradient's norm
     assert torch.allclose(model.weight, start - 0.5)  # stepped with the unscaled gradient
     assert scaler.scale == 1024.0 and model.weight.grad is None
 
     after_good, lr_before = model.weight.detach().clone(), scheduler.get_last_lr()[0]
     model.weight.grad = torch.full_like(model.weight, float("inf"))  # an fp16 overflow
-    norm = harness.optimizer_step(model, optimizer, scheduler, None, scaler)
+    norm = training.optimizer_step(model, optimizer, scheduler, None, scaler)
     assert norm == float("inf") and torch.equal(model.weight, after_good)  # skipped
     assert scaler.scale == 512.0 and scheduler.get_last_lr()[0] < lr_before  # the schedule goes on

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from orchestration.rundir import MetricsLogger, StageDir, read_metrics, truncate_metrics
-from orchestration.stages.harness import TrainState, WorkerContext, epoch_batches, global_share, stream_batch
+from orchestration.stages.checkpointing import TrainState
+from orchestration.stages.harness import WorkerContext, epoch_batches, stream_batch
 from rlhf.config import Config
+from rlhf.masked import global_share
 
 
 def test_epoch_batches_cover_each_item_once_and_depend_on_seed_and_epoch():
