@@ -1,4 +1,4 @@
-"""GPU weight transport: learner rank 0 -> vLLM generators through vLLM's weight transfer.
+"""GPU weight transport: a learner group -> vLLM generators through vLLM's weight transfer.
 
 vLLM 0.33's trainer side does the transfer: `WeightTransferTrainerFactory.trainer_init`
 with an `NCCLTrainerInitInfo` (separate GPUs) or `IPCTrainerInitInfo` (colocated),
@@ -11,22 +11,25 @@ parameter. Our part:
   over our `RolloutGenerator` actors (`call_engine` -> `VLLMEngine`). vLLM's own
   trainer gives every engine the same `rank_offset` (it expects one data-parallel
   deployment); our generators are independent `LLM`s, so each gets its own offset.
-- `VLLMWeightSender`: lives in learner rank 0; `send(version)` pushes the weights
-  and returns the learner's checksum.
-- `connect` / `sync`: the driver's two calls. They reach the learner through
-  Ray's `__ray_call__` (a function run on the actor instance), so the learner
-  class needs no transport-specific methods. `sync` verifies every generator's
-  checksum against the learner's before it records the new version: a generator
-  whose weights did not arrive keeps its old version and its batches are refused.
+- `VLLMWeightSender`: lives in every learner rank (vLLM's trainer side runs on all
+  of them: rank 0 sends; the others only join the gathers of their FSDP shards,
+  or do nothing for a DDP replica); `send(version)` pushes the weights and
+  returns the checksum of the whole weights.
+- `connect` / `sync`: the driver's two calls, on every rank of the group at once.
+  They reach the learners through Ray's `__ray_call__` (a function run on the
+  actor instance), so the learner class needs no transport-specific methods.
+  `sync` verifies every generator's checksum against rank 0's before it records
+  the new version: a generator whose weights did not arrive keeps its old version
+  and its batches are refused.
 """
 from __future__ import annotations
 
-import socket
 from typing import Any, Sequence
 
 import torch
 
 from actors.weight_sync import checksum
+from rlhf import sharding
 
 BACKENDS = ("nccl", "ipc")
 
@@ -49,11 +52,13 @@ def per_generator_init_infos(init_info: dict[str, Any], world_sizes: Sequence[in
     return [{**init_info, "rank_offset": off} for off in offsets]
 
 
-def trainer_init_kwargs(backend: str, *, world_sizes: Sequence[int], master_address: str | None = None,
-                        master_port: int | None = None, packed: bool = True,
-                        packed_buffer_size_bytes: int | None = None) -> dict[str, Any]:
-    """Fields of vLLM's `NCCLTrainerInitInfo` / `IPCTrainerInitInfo` for learner rank 0."""
-    kw: dict[str, Any] = dict(rank=0, packed=packed)
+def trainer_init_kwargs(backend: str, *, world_sizes: Sequence[int], rank: int = 0,
+                        master_address: str | None = None, master_port: int | None = None,
+                        packed: bool = True, packed_buffer_size_bytes: int | None = None) -> dict[str, Any]:
+    """Fields of vLLM's `NCCLTrainerInitInfo` / `IPCTrainerInitInfo` for learner `rank` (its
+    rank in the learner group, which vLLM's `ModuleSource` takes FSDP meshes in; 0 sends).
+    Every rank gets the same rendezvous fields: vLLM's NCCL init info requires them."""
+    kw: dict[str, Any] = dict(rank=int(rank), packed=packed)
     if packed_buffer_size_bytes is not None:
         kw["packed_buffer_size_bytes"] = int(packed_buffer_size_bytes)
     if backend == "nccl":
@@ -111,71 +116,88 @@ class GeneratorClient:
 
 
 class VLLMWeightSender:
-    """Learner rank 0's end of vLLM's weight transfer for one HF model."""
+    """One learner rank's end of vLLM's weight transfer for one HF model (plain or FSDP2)."""
 
     def __init__(self, model: torch.nn.Module, generators: Sequence[Any], world_sizes: Sequence[int],
-                 backend: str = "nccl", **init_kw: Any) -> None:
+                 backend: str = "nccl", rank: int = 0, **init_kw: Any) -> None:
         from vllm.distributed.weight_transfer import ModuleSource, WeightTransferTrainerFactory
 
-        self.model = model
-        self.client = GeneratorClient(generators, world_sizes)
-        info = trainer_init_info(backend, world_sizes=world_sizes, **init_kw)
-        # Rendezvous: vLLM runs the generators' init RPC concurrently with opening our end.
+        self.model, self.rank = model, int(rank)
+        self.client = GeneratorClient(generators, world_sizes)  # only rank 0's engine calls it
+        info = trainer_init_info(backend, world_sizes=world_sizes, rank=rank, **init_kw)
+        # Rank 0: the rendezvous (vLLM runs the generators' init RPC concurrently with opening
+        # our end). Other ranks: no rendezvous, the engine only drives the source in send_weights.
         self.engine = WeightTransferTrainerFactory.trainer_init(
             info, client=self.client, source=ModuleSource(model))
 
     @torch.no_grad()
-    def send(self, version: int) -> str:
-        """Push the current weights as `version`; returns the learner's checksum of them."""
+    def send(self, version: int) -> str | None:
+        """Push the current weights as `version`; every rank of the group calls it at once.
+
+        Returns the checksum of the whole weights: under fsdp gathered from the shards, a
+        collective every rank runs in the same order; None from a replica's rank > 0,
+        whose copy is rank 0's.
+        """
         self.client.version = int(version)
         self.engine.send_weights()
-        return checksum(self.model.named_parameters())
+        if self.rank != 0 and not sharding.is_sharded(self.model):
+            return None
+        # To the CPU as gathered: one full tensor at a time on the device (checksum keeps all).
+        return checksum((n, t.cpu()) for n, t in sharding.full_named_tensors(self.model.named_parameters()))
 
     def close(self) -> None:
         self.engine.shutdown()
 
 
-def free_port() -> int:
-    """A TCP port free on this node now (the NCCL rendezvous store listens on it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
-# ---- run inside the learner actor (through __ray_call__) ----
+# ---- run inside each learner actor (through __ray_call__) ----
 
 def _attach(learner, generators, world_sizes, backend, init_kw) -> None:
-    import ray
-
-    if backend == "nccl":
-        init_kw = {"master_address": ray.util.get_node_ip_address(), "master_port": free_port(),
-                   **init_kw}
+    # The group rank: vLLM's ModuleSource names an FSDP shard's owners by it.
     learner._vllm_weight_sender = VLLMWeightSender(learner.model, generators, world_sizes,
-                                                   backend, **init_kw)
+                                                   backend, rank=learner.rank, **init_kw)
 
 
-def _send(learner) -> tuple[str, int]:
+def _send(learner) -> tuple[str | None, int]:
     version = int(learner.version)
     return learner._vllm_weight_sender.send(version), version
 
 
 # ---- driver side ----
 
-def connect(learner, generators: Sequence[Any], backend: str = "nccl", **init_kw: Any) -> None:
-    """Open the transfer between learner rank 0 (`learner`, an actor handle) and every generator."""
+def _values(refs: Sequence[Any]) -> list:
+    """Every ref's value; the first failure raises as soon as it is known, since the other
+    ranks may be stuck in a collective with a dead one until its timeout."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready[0])
+    return ray.get(list(refs))
+
+
+def connect(learners: Sequence[Any], generators: Sequence[Any], backend: str = "nccl", **init_kw: Any) -> None:
+    """Open the transfer between a learner group (its ranks' actor handles, in rank order) and
+    every generator. Every rank attaches: vLLM's trainer side runs on all of them, and under
+    fsdp each holds only a shard. NCCL's rendezvous store listens on rank 0's node."""
     import ray
 
     sizes = ray.get([g.call_engine.remote("transfer_world_size") for g in generators])
-    ray.get(learner.__ray_call__.remote(_attach, list(generators), sizes, backend, init_kw))
+    if backend == "nccl" and "master_address" not in init_kw:
+        address, port = ray.get(learners[0].node_endpoint.remote())
+        init_kw = {"master_address": address, "master_port": int(port), **init_kw}
+    _values([lr.__ray_call__.remote(_attach, list(generators), sizes, backend, init_kw) for lr in learners])
 
 
-def sync(learner, generators: Sequence[Any]) -> int:
-    """One verified, versioned sync; returns the version every generator now holds."""
+def sync(learners: Sequence[Any], generators: Sequence[Any]) -> tuple[int, str]:
+    """One verified, versioned sync, sent by every rank at once (rank 0 over the wire, the
+    others into its gathers); returns (version, checksum), rank 0's, that every generator
+    now holds."""
     import ray
 
-    digest, version = ray.get(learner.__ray_call__.remote(_send))
+    digest, version = _values([lr.__ray_call__.remote(_send) for lr in learners])[0]
     got = ray.get([g.checksum.remote() for g in generators])
     if any(c != digest for c in got):
         raise RuntimeError(f"vLLM weight sync failed: learner checksum {digest}, generators {got}")
     ray.get([g.set_weight_version.remote(version) for g in generators])
-    return version
+    return version, digest

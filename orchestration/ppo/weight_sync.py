@@ -18,7 +18,7 @@ from typing import Sequence
 import ray
 
 from actors.group import WorkerGroup
-from orchestration.ppo.faults import gather
+from orchestration.ppo.faults import ActorLost, gather
 
 
 class ObjectStoreSync:
@@ -48,14 +48,14 @@ class VLLMSync:
         from actors import weight_transport_vllm
         self._t = weight_transport_vllm
         self.learners, self.generators, self.backend = learners, generators, backend
-        self._t.connect(learners.workers[0], generators, backend=backend)
+        learners.wait_ready()  # a rank's weights are its final (sharded) ones once it has joined
+        self._t.connect(learners.workers, generators, backend=backend)
 
     def sync(self, only: Sequence[int] | None = None, rewind: bool = False) -> dict:
-        """Every generator (an NCCL broadcast reaches the whole group); versions are set, not
-        compared, so `rewind` needs nothing."""
+        """Every generator (an NCCL broadcast reaches the whole group), from every learner rank
+        (under fsdp each holds a shard); versions are set, not compared, so `rewind` needs nothing."""
         try:
-            version = self._t.sync(self.learners.workers[0], self.generators)  # raises on a mismatch
-            checksum = ray.get(self.learners.call_rank0("checksum"))
+            version, checksum = self._t.sync(self.learners.workers, self.generators)  # raises on a mismatch
         except ray.exceptions.RayActorError:
             self._name_the_dead()
             raise
@@ -63,12 +63,28 @@ class VLLMSync:
                 "synced_checksum": checksum}
 
     def _name_the_dead(self) -> None:
-        """Turn a death inside the transport into ActorLost for the actor that died."""
-        gather([self.learners.call_rank0("weight_version")], "learner")
-        gather([g.weight_version.remote() for g in self.generators], "generator")
+        """Turn a death inside the transport into ActorLost for the actor that died.
+
+        Asked of every learner rank and generator at once, the first death answering: a
+        survivor may be stuck (a learner rank in a gather with a dead one, a generator in an
+        NCCL receive) where asking one role after the other would wait for it. (A generator
+        that died under rank 0's RPCs reaches the driver as rank 0's error; the learner
+        answering here is what tells it apart.)
+        """
+        who = [("learner", i) for i in range(len(self.learners))] + \
+              [("generator", i) for i in range(len(self.generators))]
+        refs = self.learners.call_all("weight_version") + [g.weight_version.remote() for g in self.generators]
+        role_of = dict(zip(refs, who))
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayActorError as e:
+                raise ActorLost(*role_of[ready[0]], e) from e
 
     def reconnect(self, generator) -> None:
-        self._t.connect(self.learners.workers[0], self.generators, backend=self.backend)
+        self._t.connect(self.learners.workers, self.generators, backend=self.backend)
 
 
 def _verified(checksum: str, got: list[str], version: int) -> dict:

@@ -14,6 +14,7 @@ import types
 from unittest.mock import create_autospec
 
 import pytest
+import ray
 import torch
 
 vllm = pytest.importorskip(
@@ -437,6 +438,36 @@ def test_cpu_path_tensors_survive_vllms_rpc_serialization():
 
 # ---------------------------------------------------------------- trainer side
 
+def test_trainer_init_infos_carry_each_rank_and_only_rank0_sends():
+    for rank in (0, 1, 3):
+        nccl = wt.trainer_init_info("nccl", world_sizes=[1, 2], rank=rank, master_address="10.0.0.1",
+                                    master_port=29500)
+        ipc = wt.trainer_init_info("ipc", world_sizes=[1], rank=rank)
+        for info in (nccl, ipc):
+            assert (info.rank, info.is_sender) == (rank, rank == 0)
+        # every rank carries rank 0's rendezvous and the same NCCL world: trainer rank 0 + 3 workers
+        assert (nccl.master_address, nccl.master_port, nccl.world_size) == ("10.0.0.1", 29500, 4)
+
+
+class _Unreachable:
+    """A generator handle no call may reach: what only the sender's engine may touch."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"a non-sender rank called generator.{name}")
+
+
+def test_a_non_sender_rank_runs_vllms_real_engine_without_touching_the_generators(tiny_models):
+    learner, _ = tiny_models
+    # Not sharded (a DDP replica): the real NCCL engine of rank 1 needs no GPU, opens no
+    # endpoint and only iterates the source; rank 0's checksum covers this copy.
+    sender = wt.VLLMWeightSender(learner, [_Unreachable()], [1], "nccl", rank=1,
+                                 master_address="10.0.0.1", master_port=29500)
+    assert type(sender.engine) is NCCLTrainerWeightTransferEngine
+    assert sender.engine.is_sender is False and sender.engine.model_update_group is None
+    assert sender.send(3) is None and sender.client.version == 3
+    sender.close()
+
+
 def test_trainer_init_infos_construct():
     nccl = wt.trainer_init_info("nccl", world_sizes=[1, 2], master_address="10.0.0.1", master_port=29500,
                                 packed_buffer_size_bytes=1 << 20)
@@ -498,6 +529,7 @@ def test_sender_calls_the_real_trainer_factory_and_returns_the_learner_checksum(
     (info,), kw = spy.call_args.args, spy.call_args.kwargs
     inspect.signature(real).bind(info, **kw)
     assert isinstance(info, NCCLTrainerInitInfo) and info.world_size == 4
+    assert (info.rank, info.is_sender) == (0, True)
     assert isinstance(kw["client"], wt.GeneratorClient) and isinstance(kw["source"], ModuleSource)
     assert [m.name for m in kw["source"].metadata] == [n for n, _ in learner.named_parameters()]
     digest = sender.send(7)
@@ -514,3 +546,145 @@ def test_rank_offsets():
     assert wt.rank_offsets([1, 2, 4]) == [1, 2, 4]
     assert wt.rank_offsets([2, 2]) == [1, 3]
     assert wt.rank_offsets([]) == []
+
+
+# ---------------------------------------------------------------- an fsdp learner group feeding vLLM
+
+# Real 2-rank PolicyLearner groups on gloo (FSDP2 shards, through rlhf.sharding.prepare, as in a
+# run), driven by our real driver code; vLLM's GPU-only pieces are spies: rank 0's NCCL engine
+# (its communicator needs CUDA) and the generator's `LLM`. The other ranks run vLLM's real engine.
+
+@pytest.fixture(scope="module")
+def ray_cpus():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fsdp_learners(ray_cpus, tiny_policy_dir):
+    from actors import PolicyLearner, WorkerGroup
+    from rlhf.sharding import TrainLayout
+
+    group = WorkerGroup(PolicyLearner, 2, str(tiny_policy_dir), num_cpus=0.5, layout=TrainLayout("fsdp"),
+                        device="cpu", num_threads=1)
+    group.wait_ready()
+    yield group
+    group.shutdown()
+
+
+def _unsharded(tiny_policy_dir) -> torch.nn.Module:
+    from rlhf.models import load_policy
+
+    return load_policy(str(tiny_policy_dir), dtype=torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # a rank missing from a gather hangs the others
+def test_module_source_over_fsdp_shards_declares_and_gathers_whole_tensors_on_every_rank(
+        fsdp_learners, tiny_policy_dir):
+    from vllm.distributed.weight_transfer.base import Shard
+
+    def view(learner):  # nested: pickled by value; runs on both ranks at once (iter_full gathers)
+        from vllm.distributed.weight_transfer import ModuleSource
+        from rlhf.sharding import local
+
+        source = ModuleSource(learner.model)
+        meta = [(m.name, m.dtype, m.shape, m.owners, m.placements) for m in source.metadata]
+        return (meta, {n: t.clone() for n, t in source.iter_full()},
+                {n: tuple(local(p).shape) for n, p in learner.model.named_parameters()})
+
+    plain = dict(_unsharded(tiny_policy_dir).named_parameters())
+    (meta0, full0, local0), (meta1, full1, local1) = ray.get(
+        [w.__ray_call__.remote(view) for w in fsdp_learners.workers])
+    # the whole model, declared identically on both ranks, each tensor owned by both, split on dim 0
+    assert meta0 == meta1 == [(n, p.dtype, tuple(p.shape), (0, 1), (Shard(0),)) for n, p in plain.items()]
+    for name, p in plain.items():
+        assert local0[name][0] + local1[name][0] == p.shape[0] and local0[name][0] < p.shape[0], name
+    # ... and what a rank iterates (the sender's broadcast, another rank's part in the gathers)
+    # is every whole tensor, bit for bit the unsharded model's
+    for full in (full0, full1):
+        assert list(full) == list(plain)
+        assert all(torch.equal(full[n], p.detach()) for n, p in plain.items())
+
+
+def _spied_generator_class(received: str):
+    from actors.generator import RolloutGenerator
+
+    class SpiedGenerator(RolloutGenerator):
+        """Our generator over `create_autospec(LLM)`, which reports `received` as the workers'
+        checksum (rank 0's engine is a spy: no weights travel)."""
+
+        def __init__(self, *args, **kwargs):
+            import vllm as v
+            from unittest.mock import create_autospec as spec
+
+            cls = spec(v.LLM)
+            cls.return_value.get_world_size.return_value = 1
+            cls.return_value.collective_rpc.return_value = [received]
+            v.LLM = cls
+            super().__init__(*args, **kwargs)
+
+        def llm_calls(self):
+            return [c[0] for c in self.engine.llm.method_calls]
+    return SpiedGenerator
+
+
+def _rank0_engine_spy():
+    """What to run in a learner process (nested: pickled by value): vLLM's trainer factory
+    spied; rank 0's NCCL engine (GPU only) an autospec whose send_weights iterates the source
+    as the real sender does, every other rank's engine vLLM's real one."""
+    def install(learner) -> None:
+        from unittest.mock import create_autospec as spec
+
+        from vllm.distributed.weight_transfer import WeightTransferTrainerFactory as factory
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine as nccl
+
+        real = factory.trainer_init
+
+        def trainer_init(info, *, client, source=None):
+            if not info.is_sender:
+                return real(info, client=client, source=source)
+            engine = spec(nccl, instance=True)
+            engine.send_weights.side_effect = lambda: list(nccl._checked_iter(source, source.metadata))
+            return engine
+        factory.trainer_init = spec(real, side_effect=trainer_init)
+    return install
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # a rank left out of the sync hangs the others in a gather
+def test_vllm_sync_attaches_and_sends_on_every_rank_and_verifies_the_gathered_checksum(
+        fsdp_learners, tiny_policy_dir):
+    from actors.resources import actor_class
+    from orchestration.ppo.weight_sync import VLLMSync
+
+    whole = checksum(_unsharded(tiny_policy_dir).named_parameters())
+    generator = actor_class(_spied_generator_class(whole), 0.25, 0.0).remote(str(tiny_policy_dir), engine="vllm")
+    workers = fsdp_learners.workers
+    ray.get([w.__ray_call__.remote(_rank0_engine_spy()) for w in workers])
+
+    sync = VLLMSync(fsdp_learners, [generator], "nccl")
+
+    def attached(learner):
+        from vllm.distributed.weight_transfer import WeightTransferTrainerFactory as factory
+        (info,), kw = factory.trainer_init.call_args
+        sender = learner._vllm_weight_sender
+        return (sender.rank, info.rank, info.is_sender, info.master_address, info.master_port,
+                info.world_size, kw["source"].metadata[0].owners)
+    first, second = ray.get([w.__ray_call__.remote(attached) for w in workers])
+    assert first[:3] == (0, 0, True) and second[:3] == (1, 1, False)
+    address, port = first[3:5]
+    assert second[3:] == first[3:] == (address, port, 2, (0, 1))  # rank 0's rendezvous, for all
+
+    ray.get(fsdp_learners.call_all("end_iteration"))  # version 1; the weights are still the policy's
+    assert sync.sync() == {"synced_version": 1, "synced_generators": 1, "synced_checksum": whole}
+    assert ray.get(generator.weight_version.remote()) == 1
+    sends = ray.get(workers[0].__ray_call__.remote(lambda lr: lr._vllm_weight_sender.engine.send_weights.call_count))
+    assert sends == 1
+    assert "get_world_size" in ray.get(generator.llm_calls.remote())
