@@ -400,14 +400,11 @@ def check_geometry(cfg: Config, check_files: bool = True) -> list[tuple[str, str
     if m.policy == "tiny" and m.tiny.n_embd % m.tiny.n_head:
         p.append(("model.tiny.n_head", f"model.tiny.n_embd ({m.tiny.n_embd}) must be divisible by it"))
     if cfg.resources.num_gpus:
-        from rlhf.memory_plan import check_memory  # these read Config: imported late
-        from rlhf.placement import gpus_needed
+        from rlhf.placement import gpus_needed  # placement reads Config: imported late
         need = gpus_needed(cfg)
         if need > cfg.resources.num_gpus:
             p.append(("resources.num_gpus", f"the PPO actor groups need {need} GPUs "
                       "(see --dry-run); add GPUs or reduce the groups"))
-        else:  # each role's bytes per GPU against resources.gpu_memory_gb (see --dry-run)
-            p.extend(check_memory(cfg))
     syn = cfg.data.synthetic
     if syn.k_min > syn.k_max:
         p.append(("data.synthetic.k_min", f"greater than data.synthetic.k_max ({syn.k_max})"))
@@ -447,6 +444,9 @@ def check_trainable(cfg: Config) -> list[tuple[str, str]]:
     if cfg.ppo.async_rollouts:
         p.append(("ppo.async_rollouts", "not implemented: every iteration samples with the newest "
                   "weights; set it false"))
+    if cfg.resources.num_gpus:  # load already checked there are enough GPUs; do their bytes fit?
+        from rlhf.memory_plan import check_memory  # reads Config: imported late
+        p += check_memory(cfg)  # each role's bytes per GPU against resources.gpu_memory_gb (--dry-run)
     return p
 
 

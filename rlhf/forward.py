@@ -12,8 +12,10 @@ from rlhf.models import ScalarModel, position_ids_from_mask
 
 
 def policy_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    # use_cache off: a scoring or training forward never continues, and HF's KV cache would
+    # hold two [B, T, d] tensors per layer (60 GB for a 6B reference scoring 64 rows).
     return model(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids_from_mask(attention_mask)).logits
+                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -28,7 +28,7 @@ MLP_KEPT = {"gelu_new": 5, "gelu": 2, "gelu_pytorch_tanh": 2, "relu": 1}
 CUDA_RUNTIME_BYTES = 2.0 * GB
 # rlhf.forward's causal-LM forwards leave HF's use_cache on, so every forward keeps every
 # layer's K and V until it returns (2 * layers * tokens * hidden); a unit test checks the code.
-CAUSAL_LM_FORWARD_KEEPS_KV = True
+CAUSAL_LM_FORWARD_KEEPS_KV = False
 
 
 def dtype_bytes(dtype: str) -> int:

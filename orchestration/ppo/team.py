@@ -58,9 +58,10 @@ class ActorTeam:
                                      cfg.model.max_response_tokens, self.p.temperature, self.p.top_p,
                                      sleeps=cfg.resources.colocate)
         self.reward = Scorer("reward", "score", self.faults, lambda: self._actor(
-            RewardScorer, "reward", 0, self.reward_model))
+            RewardScorer, "reward", 0, self.reward_model, dtype=cfg.model.dtype))
         self.reference = Scorer("reference", "logprobs", self.faults, lambda: self._actor(
-            ReferenceScorer, "reference", 0, self.policy, temperature=self.p.temperature))
+            ReferenceScorer, "reference", 0, self.policy, temperature=self.p.temperature,
+            dtype=cfg.model.dtype))
         self._seated_before_groups()
         self.critics = Critics(self.faults, lambda: self._group(CriticLearner, "critic", self.reward_model))
         self.learners = Learners(self.faults, lambda: self._group(PolicyLearner, "learner", self.policy))

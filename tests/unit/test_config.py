@@ -62,8 +62,9 @@ def test_tiny_deviations_are_commented():
         f"{section}.{key}"
         for section in ("model", "sft", "rm", "ppo", "optimizer")
         for key, value in tiny[section].items()
-        if value != paper[section][key] and key not in {"engine", "num_generators", "num_learners",
-                                                        "checkpoint_every", "tiny", "policy"}
+        # Resource layout (how many workers, how big a forward) is the machine's, not the recipe's.
+        if value != paper[section][key] and key not in {"engine", "num_generators", "num_learners", "num_workers",
+                                                        "micro_batch_size", "checkpoint_every", "tiny", "policy"}
         and "deviation" not in comments.get((section, key), "")
     ]
     assert not uncommented, f"tiny.yaml deviations without a 'deviation:' comment: {uncommented}"
@@ -174,13 +175,16 @@ def test_training_commands_refuse_and_dry_run_shows_the_refusal(tmp_path, capsys
 
 
 def test_the_pipeline_refuses_before_it_writes_anything(tmp_path):
-    cfg = load_config("tiny", [f"run.output_dir={tmp_path / 'run'}", "model.dtype=float16"])
-    with pytest.raises(ConfigError, match=r"^command line: model\.dtype = 'float16': training runs in float32"):
+    cfg = load_config("tiny", [f"run.output_dir={tmp_path / 'run'}", "ppo.async_rollouts=true"])
+    with pytest.raises(ConfigError, match=r"^command line: ppo\.async_rollouts = True: not implemented"):
         pipeline.main(cfg)
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=(
+    "the memory plan refuses 175B: a whole-model reference scorer and 8-rank SFT need tensor "
+    "parallelism, not implemented (docs/memory_plan.md)"))) if "175b" in p.name else p for p in PRESETS],
+    ids=lambda p: p.stem)
 def test_each_preset_prints_its_plan_and_is_trainable(preset, capsys):
     assert cli.main(["run", str(preset), "--dry-run"]) == 0
     out = capsys.readouterr().out
