@@ -1,6 +1,6 @@
 """What a resumable trainer saves besides its weights: optimizer, RNG streams, snapshots.
 
-Shared by the Ray Train stages (orchestration/stages/harness.py) and the PPO
+Shared by the Ray Train stages (orchestration/stages/checkpointing.py) and the PPO
 learner actors (actors/policy_learner.py, actors/critic.py). Every snapshot
 holds only tensors and plain containers, so it loads with
 `torch.load(weights_only=True)` (rlhf.models.load_state_file): a checkpoint can
