@@ -185,16 +185,22 @@ class WorkerGroup:
     The constructor does not block: actors start and rendezvous in the background
     (so several groups and actors can boot at once); the first call through the
     group waits for the rendezvous and raises if it failed.
+
+    `actor_options` are every rank's Ray options; `rank_options[i]`, merged over them,
+    rank i's own (e.g. a PlacementGroupSchedulingStrategy for its bundle, or its
+    num_cpus / num_gpus share of that bundle).
     """
 
     def __init__(self, worker_cls: type, num_workers: int, *args: Any, num_cpus: float = 1.0,
-                 num_gpus: float = 0.0, actor_options: dict | None = None, **kwargs: Any) -> None:
-        import ray
-
+                 num_gpus: float = 0.0, actor_options: dict | None = None,
+                 rank_options: Sequence[dict] | None = None, **kwargs: Any) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        remote_cls = actor_class(worker_cls, num_cpus, num_gpus, **(actor_options or {}))
-        self.workers = [remote_cls.remote(*args, **kwargs) for _ in range(num_workers)]
+        if rank_options is not None and len(rank_options) != num_workers:
+            raise ValueError(f"{len(rank_options)} rank_options for {num_workers} ranks")
+        common = {"num_cpus": num_cpus, "num_gpus": num_gpus, **(actor_options or {})}
+        self.workers = [actor_class(worker_cls, **(common | dict(own))).remote(*args, **kwargs)
+                        for own in (rank_options or [{}] * num_workers)]
         # A ref as an argument: each rank's setup runs once rank 0 has named its endpoint.
         endpoint = self.workers[0].node_endpoint.remote()
         self._setup = [w.setup_distributed.remote(rank, num_workers, endpoint)

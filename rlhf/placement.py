@@ -115,9 +115,14 @@ def colocation_problems(cfg: Config) -> list[tuple[str, str]]:
     if cfg.resources.gpus_per_generator > 1:
         p.append(("resources.gpus_per_generator", "colocation seats one actor of each role on every GPU; "
                   "a tensor-parallel generator needs whole GPUs: set it to 1 or resources.colocate false"))
-    elif gpus_needed(cfg) > 1:
-        p.append(("resources.colocate", "colocated on more than one GPU is not implemented yet (a learner "
-                  "group's ranks are not pinned to a GPU each, and vLLM's IPC weight transfer would need "
-                  "every learner rank as a sender); use ppo.num_generators=1 and ppo.num_learners=1, or "
-                  "colocate false"))
+    elif cfg.ppo.engine == "vllm":
+        # Colocated vLLM engines take their weights over CUDA IPC: every learner rank exports
+        # its copy, and a generator opens the one on its own GPU, so each needs a learner rank there.
+        layout = colocated_layout(cfg, total_cpus=1.0)
+        learner_gpus = {s.bundle for s in layout.seats["learner"]}
+        if any(s.bundle not in learner_gpus for s in layout.seats["generator"]):
+            p.append(("ppo.num_generators", "colocated vLLM generators load their weights over CUDA IPC "
+                      f"from the learner rank on their own GPU; {cfg.ppo.num_generators} generators and "
+                      f"{cfg.ppo.num_learners} learner ranks leave some of their GPUs without one: "
+                      "at most ppo.num_learners generators, or colocate false"))
     return p

@@ -62,7 +62,6 @@ class ActorTeam:
         self.reference = Scorer("reference", "logprobs", self.faults, lambda: self._actor(
             ReferenceScorer, "reference", 0, self.policy, temperature=self.p.temperature,
             dtype=cfg.model.dtype))
-        self._seated_before_groups()
         self.critics = Critics(self.faults, lambda: self._group(CriticLearner, "critic", self.reward_model))
         self.learners = Learners(self.faults, lambda: self._group(PolicyLearner, "learner", self.policy))
         self._weight_sync = self._make_sync()
@@ -80,27 +79,14 @@ class ActorTeam:
                                f"cluster ({ray.cluster_resources()}) within {PLACEMENT_TIMEOUT_S} s")
         return pg
 
-    def _seat(self, role: str, index: int | None) -> tuple[float, float, dict]:
-        """(num_cpus, num_gpus, Ray options) of actor `index` of `role`; None: every rank of a group."""
+    def _seat(self, role: str, index: int) -> tuple[float, float, dict]:
+        """(num_cpus, num_gpus, Ray options) of actor `index` of `role` (a group's rank)."""
         spec = self.specs[role]
         if self.layout is None:
             return spec.num_cpus, spec.num_gpus, {}
-        seats = self.layout.seats[role]
-        seat = seats[index or 0]
-        bundle = seat.bundle
-        if index is None and len({s.bundle for s in seats}) > 1:
-            # WorkerGroup takes one set of options for all its ranks, so they cannot be pinned
-            # to their own bundles yet: any bundle with room (the shares are equal: they fit).
-            bundle = -1
-        strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=bundle)
+        seat = self.layout.seats[role][index]  # its own bundle: a group's ranks a GPU each
+        strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=seat.bundle)
         return seat.num_cpus, seat.num_gpus, {"scheduling_strategy": strategy}
-
-    def _seated_before_groups(self) -> None:
-        """Colocated on several bundles: the singly seated actors placed before a group's ranks,
-        which may take any bundle's room, could take theirs."""
-        if self.layout is not None and len(self.layout.bundles) > 1:
-            ray.get([a.__ray_ready__.remote() for a in [*self.generators.actors, self.reward.actor,
-                                                        self.reference.actor]])
 
     def _common(self, role: str) -> dict:
         return {"num_threads": self.specs[role].num_threads, "device": self.cfg.run.device}
@@ -125,9 +111,10 @@ class ActorTeam:
         return kw
 
     def _group(self, cls: type, role: str, path: str) -> WorkerGroup:
-        num_cpus, num_gpus, options = self._seat(role, None)
-        return WorkerGroup(cls, self.specs[role].count, path, num_cpus=num_cpus, num_gpus=num_gpus,
-                           actor_options=options, ppo=self.p, optimizer=self.cfg.optimizer,
+        count = self.specs[role].count
+        ranks = [dict(num_cpus=c, num_gpus=g, **options) for c, g, options in
+                 (self._seat(role, i) for i in range(count))]
+        return WorkerGroup(cls, count, path, rank_options=ranks, ppo=self.p, optimizer=self.cfg.optimizer,
                            seed=self.cfg.run.seed, layout=TrainLayout.of(self.cfg), **self._common(role))
 
     def _make_sync(self):

@@ -55,18 +55,30 @@ def test_what_colocation_cannot_do_yet_is_refused_for_training():
     assert check_trainable(load_config("tiny", ["resources.colocate=true", *SMALL])) == []
     tp = load_config("tiny", [*one_gpu, "resources.num_gpus=2", "resources.gpus_per_generator=2"])
     assert [f for f, _ in colocation_problems(tp)] == ["resources.gpus_per_generator"]
+    # Several GPUs: a group's ranks are seated a bundle each, and every learner rank sends.
     wide = load_config("tiny", [*one_gpu, "resources.num_gpus=2", "ppo.num_learners=2"])
-    assert [f for f, _ in check_trainable(wide)] == ["resources.colocate"]
+    assert check_trainable(wide) == []
+    vllm = [*one_gpu, "resources.num_gpus=2", "ppo.engine=vllm", "run.device=cuda"]
+    assert colocation_problems(load_config("tiny", [*vllm, "ppo.num_learners=2", "ppo.num_generators=2"])) == []
+    assert colocation_problems(load_config("tiny", [*vllm, "ppo.num_learners=2"])) == []
+    # ... but a colocated vLLM generator opens its weights over CUDA IPC on its own GPU
+    lonely = load_config("tiny", [*vllm, "ppo.num_generators=2"])
+    assert [f for f, _ in colocation_problems(lonely)] == ["ppo.num_generators"]
 
 
 # ---------------------------------------------------------------- the run
 
 def _placement(actor) -> dict:
     def where(_instance) -> dict:  # nested: pickled by value
+        import re
+
         import ray
         ctx = ray.get_runtime_context()
         pg = ctx.get_placement_group_id()
-        return {"pg": pg, "resources": dict(ctx.get_assigned_resources())}
+        # Ray names a bundle's resources CPU_group_<index>_<pg id> (private API: no public one says)
+        held = ray._private.worker.global_worker.core_worker.resource_ids()
+        bundles = sorted({int(m.group(1)) for k in held if (m := re.fullmatch(r"CPU_group_(\d+)_\w+", k))})
+        return {"pg": pg, "resources": dict(ctx.get_assigned_resources()), "bundles": bundles}
     return actor.__ray_call__.remote(where)
 
 
@@ -104,6 +116,7 @@ def test_every_colocated_actor_is_in_the_one_placement_group_with_its_seat(runs)
         assert len(placed) == len(layout.seats[role])
         for got, seat in zip(placed, layout.seats[role]):
             assert got["pg"] == pg.id.hex(), role
+            assert got["bundles"] == [seat.bundle], (role, got)  # a group's ranks too: each its own
             assert abs(got["resources"].get("CPU", 0.0) - seat.num_cpus) < 1e-4, (role, got)
             assert got["resources"].get("GPU", 0.0) == seat.num_gpus
     # shut down: the reservation is gone with the actors
