@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from actors.group import BucketedGrads, DistributedWorker
 from actors.resources import configure_threads, pick_device
-from actors.weight_sync import checksum
+from actors.weight_sync import module_checksum
 from rlhf import dist_checkpoint, sharding
 from rlhf.config import OptimizerConfig, PPOConfig
 from rlhf.models import load_state_file
@@ -130,7 +130,7 @@ class Learner(DistributedWorker):
     # ---- weights out ----------------------------------------------------------------
     def checksum(self) -> str:
         """Of this rank's whole weights (its replica; gathered, a collective, when sharded)."""
-        return checksum(sharding.full_named_tensors(self.model.named_parameters()))
+        return module_checksum(self.model)
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Whole CPU copies of the weights (gathered, a collective, when sharded)."""

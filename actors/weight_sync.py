@@ -201,8 +201,21 @@ def unpack_buckets(buffers: Sequence[torch.Tensor], metas: Sequence[BucketMeta])
 
 def checksum(named: NamedTensors) -> str:
     """Exact fingerprint of named tensors: XXH3-128 over names, dtypes, shapes and bytes."""
+    return _digest(sorted(_items(named), key=lambda kv: kv[0]))
+
+
+def module_checksum(module: torch.nn.Module) -> str:
+    """`checksum` of a module's whole parameters, gathered one at a time in name order when
+    sharded (a collective), so a rank never holds more than one whole tensor for it."""
+    from rlhf.sharding import full
+
+    params = dict(module.named_parameters())
+    return _digest((name, full(params[name].detach())) for name in sorted(params))
+
+
+def _digest(items: Iterable[tuple[str, torch.Tensor]]) -> str:
     h = xxhash.xxh3_128()
-    for name, t in sorted(_items(named), key=lambda kv: kv[0]):
+    for name, t in items:
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{_dtype_name(t.dtype)}|{tuple(t.shape)}|".encode())
         # A uint8 view reads the raw bytes of any dtype (bfloat16 included), without a copy.

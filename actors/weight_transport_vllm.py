@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from actors.weight_sync import checksum
+from actors.weight_sync import module_checksum
 from rlhf import sharding
 
 BACKENDS = ("nccl", "ipc")
@@ -142,8 +142,7 @@ class VLLMWeightSender:
         self.engine.send_weights()
         if self.rank != 0 and not sharding.is_sharded(self.model):
             return None
-        # To the CPU as gathered: one full tensor at a time on the device (checksum keeps all).
-        return checksum((n, t.cpu()) for n, t in sharding.full_named_tensors(self.model.named_parameters()))
+        return module_checksum(self.model)  # gathered and hashed one whole tensor at a time
 
     def close(self) -> None:
         self.engine.shutdown()
