@@ -66,6 +66,20 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def family_table(results: dict) -> str | None:
+    """Gold score per task family and policy (synthetic task only): where RL gains, and where
+    the reward model leaves the SFT policy's mistakes in place. None without per-family scores."""
+    rows = results["policies"]
+    names = [n for n in ORDER if n in rows and "gold_by_family" in rows[n]]
+    if not names:
+        return None
+    families = sorted({f for n in names for f in rows[names[0]]["gold_by_family"]})
+    lines = ["| family | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for f in families:
+        lines.append(f"| {f} | " + " | ".join(_f(rows[n]["gold_by_family"].get(f)) for n in names) + " |")
+    return "\n".join(lines)
+
+
 def ptx_statement(results: dict) -> str:
     """The ptx effect in words, from the numbers and their intervals (whatever they say)."""
     rows, eff = results["policies"], results.get("ptx_effect")
@@ -227,6 +241,12 @@ def write_report(run_dir: str | Path) -> str:
                   "of log pi(y|x) - log pi_SFT(y|x) (nats per response). LM loss is on "
                   f"{s['num_blocks']} held-out blocks of {s['block_len']} pretraining tokens.", "",
                   table, "", "## The ptx effect", "", ptx_statement(results), ""]
+        families = family_table(results)
+        if families is not None:
+            lines += ["## Gold score by task family", "",
+                      "Mean gold score of each policy's held-out responses per task family (SFT: its "
+                      "resampled row): where RL gains, and where the RM leaves SFT's mistakes in place.",
+                      "", families, ""]
         pngs += [("Win rate against SFT", plot_win_rates(results, plots / "win_rates.png")),
                  ("Held-out pretraining LM loss", plot_lm_loss(results, plots / "lm_loss.png"))]
     acc = rm_accuracy(run_dir)

@@ -171,6 +171,11 @@ def test_report_and_plots(run):
     assert "training accuracy (last logged): 0.550" in report
     rows = results["policies"]
     assert "## The ptx effect" in report
+    fams = rows["PPO"]["gold_by_family"]
+    assert "## Gold score by task family" in report and len(fams) >= 2
+    first = sorted(fams)[0]  # each family's row carries every policy's own score
+    assert f"| {first} | " + " | ".join(f"{rows[n]['gold_by_family'][first]:.3f}"
+                                          for n in ("SFT", "PPO", "PPO-ptx")) + " |" in report
     assert f"PPO {rows['PPO']['lm_loss']:.3f}, PPO-ptx {rows['PPO-ptx']['lm_loss']:.3f}" in report
     for name in ("win_rates.png", "lm_loss.png", "training_curves.png"):
         png = root / "plots" / name
