@@ -224,7 +224,7 @@ class PolicyLearner(Learner):
         """
         if self.layout.sharded:
             source = self.ema.shadow if use_ema else dict(self.model.named_parameters())
-            weights = {n: t.cpu() for n, t in sharding.full_named_tensors(iter(source.items()))}
+            weights = sharding.gather_to_rank0(iter(source.items()))
             if self.rank != 0:
                 return None
             model = load_policy(self.policy_path, dtype=torch.float32)

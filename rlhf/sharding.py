@@ -180,8 +180,20 @@ def full_named_tensors(named: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tu
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's whole state on the CPU, on every rank (a collective under FSDP)."""
-    return {name: t.cpu() for name, t in full_named_tensors(iter(model.state_dict().items()))}
+    """The model's whole state on rank 0's CPU; other ranks get {} (a collective under FSDP,
+    where every rank gathers each tensor but only rank 0 keeps it)."""
+    return gather_to_rank0(iter(model.state_dict().items()))
+
+
+def gather_to_rank0(named: Iterator[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Whole CPU copies of named (possibly sharded) tensors on rank 0, {} elsewhere."""
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    out = {}
+    for name, t in full_named_tensors(named):
+        if main:
+            out[name] = t.cpu()
+        del t
+    return out
 
 
 def all_sum(value: float, device: torch.device) -> float:
