@@ -53,7 +53,7 @@ class ActorTeam:
         self.faults = FaultHandler(self.p.max_restarts, {
             "generator": self._restart_generator, "reward": lambda _: self.reward.restart(),
             "reference": lambda _: self.reference.restart(),
-            "critic": lambda _: self.critics.restart(checkpoints.latest(stage, "critic.pt"))})
+            "critic": lambda _: self.critics.restart(stage.latest_checkpoint())})
         self.generators = Generators(self.faults, self._generator, self.specs["generator"].count, tokenizer,
                                      cfg.model.max_response_tokens, self.p.temperature, self.p.top_p,
                                      sleeps=cfg.resources.colocate)
