@@ -104,7 +104,8 @@ class ActorTeam:
         """What the chosen engine takes (vLLM refuses the hf engine's token budget)."""
         if self.p.engine != "vllm":
             return {"token_budget": self.p.generation_token_budget}
-        kw: dict = {"tensor_parallel_size": self.cfg.resources.gpus_per_generator}
+        # In model.dtype, as the memory plan counts it (vLLM's "auto" would follow the checkpoint).
+        kw: dict = {"tensor_parallel_size": self.cfg.resources.gpus_per_generator, "dtype": self.cfg.model.dtype}
         if self.cfg.resources.colocate:
             from actors.engines.vllm_engine import colocated_kwargs
             kw |= colocated_kwargs(COLOCATED_GPU_MEMORY_UTILIZATION)
