@@ -57,7 +57,7 @@ def _wait_healthy(url: str, timeout_s: float = 120) -> None:
         try:
             if requests.get(url + "/health", timeout=5).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not up yet, or up but not ready
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url}/health never answered 200")
