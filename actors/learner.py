@@ -44,7 +44,7 @@ class Learner(DistributedWorker):
         self.opt_cfg = optimizer or OptimizerConfig()
         self.cap_bytes = int(bucket_cap_mb * 2**20)
         self.forward_batch_size = forward_batch_size
-        self.scaler = LossScaler(self.layout.compute == torch.float16)
+        self.scaler = LossScaler.for_dtype(self.layout.compute)
         self.optimizer = None
 
     # ---- start-up -------------------------------------------------------------------
@@ -118,7 +118,7 @@ class Learner(DistributedWorker):
         return max(1, math.ceil(rows / mb)) if mb else 1
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss * self.scaler.scale).backward() if self.scaler.enabled else loss.backward()
+        self.scaler.scaled(loss).backward()
 
     def step_stats(self, grad_norm: float, skipped: bool) -> dict[str, float]:
         stats = {"grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "skipped": float(skipped),

@@ -222,6 +222,15 @@ class LossScaler:
         self.growth_interval = growth_interval
         self.good_steps = 0
 
+    @classmethod
+    def for_dtype(cls, compute: torch.dtype) -> "LossScaler":
+        """Scaling only where it is needed: fp16 compute."""
+        return cls(compute == torch.float16)
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to call backward on."""
+        return loss * self.scale if self.enabled else loss
+
     def update(self, finite: bool) -> None:
         if not self.enabled:
             return

@@ -78,7 +78,7 @@ class Trainer:
                     loss, stats = loss_fn(filler if empty else part)
                 if empty:
                     loss = loss * 0.0
-                (loss * self.scaler.scale if self.scaler.enabled else loss).backward()
+                self.scaler.scaled(loss).backward()
             if not empty:
                 out.append(stats)
         return out
@@ -129,11 +129,10 @@ def start_training(ctx: WorkerContext, model: nn.Module, lr: float, total_steps:
     optimizer = make_optimizer(model.parameters(), lr, ctx.cfg.optimizer)
     scheduler = lambda_lr(optimizer, cosine_to_fraction, total_steps=total_steps, final_fraction=final_lr_fraction)
     trainer = Trainer(ctx, model, optimizer, scheduler,
-                      sharding.LossScaler(ctx.layout.compute == torch.float16))
+                      sharding.LossScaler.for_dtype(ctx.layout.compute))
     state = restore_latest(ctx, trainer)
     model.train()
     return trainer, state, Progress(ctx, total_steps, state.step, desc=desc)
-
 
 
 class Progress:

@@ -118,3 +118,30 @@ def _write_actor_models(root, texts: list[str], reward_bias: float = 0.0) -> dic
 def actor_models():
     """actor_models(root, texts, reward_bias=0.0) -> {policy, rm, tok}: tiny models saved under root."""
     return _write_actor_models
+
+
+# Rows 0-3 have 1-2 response tokens each, rows 4-7 have 6-7: split over 2 ranks, the shards
+# hold very different token counts (what the learners' global token means must handle).
+RAGGED_PROMPTS = ["the red", "a blue bird", "one two", "the", "six five four", "a", "fox runs", "hill sings"]
+RAGGED_LENGTHS = [1, 2, 1, 2, 7, 6, 7, 6]
+
+
+def _ragged_batch(tok) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, action mask): right-padded prompt + random-response rows."""
+    g = torch.Generator().manual_seed(0)
+    rows = [tok(p)["input_ids"] + torch.randint(3, len(tok), (n,), generator=g).tolist()
+            for p, n in zip(RAGGED_PROMPTS, RAGGED_LENGTHS)]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    attn, act = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (row, n) in enumerate(zip(rows, RAGGED_LENGTHS)):
+        ids[i, :len(row)] = torch.tensor(row)
+        attn[i, :len(row)] = 1
+        act[i, len(row) - n:len(row)] = 1
+    return ids, attn, act
+
+
+@pytest.fixture(scope="session")
+def ragged_batch():
+    """ragged_batch(tok) -> (ids, attention mask, action mask) of 8 rows of uneven response lengths."""
+    return _ragged_batch

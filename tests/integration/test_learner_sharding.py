@@ -31,8 +31,6 @@ from rlhf.sharding import TrainLayout
 pytestmark = pytest.mark.slow
 
 TEXTS = ["the red fox runs over the hill", "a blue bird sings at dawn", "one two three four five six"] * 20
-PROMPTS = ["the red", "a blue bird", "one two", "the", "six five four", "a", "fox runs", "hill sings"]
-RESPONSE_LENGTHS = [1, 2, 1, 2, 7, 6, 7, 6]
 LR, EPS = 0.1, 1.0
 # float32: FSDP's reduce-scatter sums in another order than one rank's backward.
 FSDP_TOL = 2e-5
@@ -40,8 +38,9 @@ CPU = 0.25
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory, actor_models):
-    return actor_models(tmp_path_factory.mktemp("tiny_sharding"), TEXTS)
+def dirs(tmp_path_factory, actor_models, ragged_batch):
+    d = actor_models(tmp_path_factory.mktemp("tiny_sharding"), TEXTS)
+    return d | {"batch": ragged_batch(d["tok"])}
 
 
 def _ppo(**kw) -> PPOConfig:
@@ -50,20 +49,6 @@ def _ppo(**kw) -> PPOConfig:
 
 def _opt() -> OptimizerConfig:
     return OptimizerConfig(eps=EPS)
-
-
-def _batch(tok, dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
-    rows = [tok(p)["input_ids"] + torch.randint(3, len(tok), (n,), generator=g).tolist()
-            for p, n in zip(PROMPTS, RESPONSE_LENGTHS)]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tok.pad_token_id)
-    attn, act = torch.zeros_like(ids), torch.zeros_like(ids)
-    for i, (row, n) in enumerate(zip(rows, RESPONSE_LENGTHS)):
-        ids[i, :len(row)] = torch.tensor(row)
-        attn[i, :len(row)] = 1
-        act[i, len(row) - n:len(row)] = 1
-    return ids, attn, act
 
 
 def _experience(ids, attn, act, old_logprobs, old_values, version=0) -> Experience:
@@ -98,8 +83,8 @@ def _max_diff(a, b) -> float:
     return max(float((a[n].detach() - b[n].detach()).abs().max()) for n in a)
 
 
-def _policy_experience(learner, tok, dtype=torch.float32):
-    ids, attn, act = _batch(tok)
+def _policy_experience(learner, batch, dtype=torch.float32):
+    ids, attn, act = batch
     return _experience(ids, attn, act, learner.logprobs(ids, attn), torch.zeros(ids.shape, dtype=dtype))
 
 
@@ -121,7 +106,7 @@ def test_fsdp_policy_step_equals_the_replica_step(dirs, fsdp_groups):
     tok, (learners, _) = dirs["tok"], fsdp_groups
     one = _local(PolicyLearner, dirs["policy"])
     start = {n: p.detach().clone() for n, p in one.model.named_parameters()}
-    exp, ptx = _policy_experience(one, tok), _ptx(tok)
+    exp, ptx = _policy_experience(one, dirs["batch"]), _ptx(tok)
     shard_logprobs = torch.cat(ray.get(learners.call_sharded(
         "logprobs", exp.input_ids.chunk(2), exp.attention_mask.chunk(2))))
     torch.testing.assert_close(shard_logprobs * exp.action_mask, exp.old_logprobs, atol=1e-5, rtol=0)
@@ -143,7 +128,7 @@ def test_fsdp_policy_step_equals_the_replica_step(dirs, fsdp_groups):
 def test_fsdp_critic_step_equals_the_replica_step(dirs, fsdp_groups):
     tok, (_, critics) = dirs["tok"], fsdp_groups
     one = _local(CriticLearner, dirs["rm"])
-    ids, attn, act = _batch(tok)
+    ids, attn, act = dirs["batch"]
     exp = _experience(ids, attn, act, torch.zeros(ids.shape), one.values(ids, attn))
     stats_one = one.train_minibatch(exp)
     stats_two = ray.get(critics.call_sharded("train_minibatch", exp.chunk(2)))
@@ -160,7 +145,7 @@ def test_four_micro_batches_make_the_one_pass_update(dirs, cls):
     path = dirs["policy"] if cls is PolicyLearner else dirs["rm"]
     whole, pieces = _local(cls, path, "float64"), _local(cls, path, "float64", micro_batch_size=2)
     assert pieces.micro_batches(8) == 4
-    ids, attn, act = _batch(tok)
+    ids, attn, act = dirs["batch"]
     if cls is PolicyLearner:
         exp = _experience(ids, attn, act, whole.logprobs(ids, attn), torch.zeros(ids.shape, dtype=torch.float64))
         a, b = whole.train_minibatch(exp, _ptx(tok), ptx_coef=1.0), pieces.train_minibatch(exp, _ptx(tok), ptx_coef=1.0)
@@ -179,7 +164,7 @@ def test_bf16_steps_keep_float32_masters_and_start_on_policy(dirs, ray_local, st
     tok = dirs["tok"]
     group = _group(PolicyLearner, dirs["policy"], strategy=strategy, dtype="bfloat16", n=2 if strategy == "fsdp" else 1)
     try:
-        ids, attn, act = _batch(tok)
+        ids, attn, act = dirs["batch"]
         old = torch.cat(ray.get(group.call_sharded("logprobs", ids.chunk(len(group)), attn.chunk(len(group)))))
         assert old.dtype == torch.float32
         exp = _experience(ids, attn, act, old, torch.zeros(ids.shape))
@@ -202,7 +187,7 @@ def test_bf16_steps_keep_float32_masters_and_start_on_policy(dirs, ray_local, st
 def test_sharded_checkpoint_resumes_exactly_and_exports(dirs, fsdp_groups, ray_local, tmp_path):
     tok, (learners, _) = dirs["tok"], fsdp_groups
     version = ray.get(learners.call_rank0("weight_version"))
-    ids, attn, act = _batch(tok)
+    ids, attn, act = dirs["batch"]
 
     def experience():
         old = torch.cat(ray.get(learners.call_sharded("logprobs", ids.chunk(2), attn.chunk(2))))

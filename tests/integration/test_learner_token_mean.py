@@ -22,17 +22,15 @@ from rlhf.sharding import TrainLayout
 pytestmark = pytest.mark.slow
 
 TEXTS = ["the red fox runs over the hill", "a blue bird sings at dawn", "one two three four five six"] * 20
-PROMPTS = ["the red", "a blue bird", "one two", "the", "six five four", "a", "fox runs", "hill sings"]
-# Rank 0 gets rows 0-3 (1-2 response tokens each), rank 1 rows 4-7 (6-7 tokens).
-RESPONSE_LENGTHS = [1, 2, 1, 2, 7, 6, 7, 6]
 TOL = 1e-9
 LR, EPS = 0.1, 1.0
 CPU = 0.25
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory, actor_models):
-    return actor_models(tmp_path_factory.mktemp("tiny_token_mean"), TEXTS)
+def dirs(tmp_path_factory, actor_models, ragged_batch):
+    d = actor_models(tmp_path_factory.mktemp("tiny_token_mean"), TEXTS)
+    return d | {"batch": ragged_batch(d["tok"])}
 
 
 def _ppo() -> PPOConfig:
@@ -41,21 +39,6 @@ def _ppo() -> PPOConfig:
 
 def _opt() -> OptimizerConfig:
     return OptimizerConfig(eps=EPS)
-
-
-def _batch(tok):
-    """Right-padded prompt + response rows, responses of RESPONSE_LENGTHS random tokens."""
-    g = torch.Generator().manual_seed(0)
-    rows = [tok(p)["input_ids"] + torch.randint(3, len(tok), (n,), generator=g).tolist()
-            for p, n in zip(PROMPTS, RESPONSE_LENGTHS)]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tok.pad_token_id)
-    attn, act = torch.zeros_like(ids), torch.zeros_like(ids)
-    for i, (row, n) in enumerate(zip(rows, RESPONSE_LENGTHS)):
-        ids[i, :len(row)] = torch.tensor(row)
-        attn[i, :len(row)] = 1
-        act[i, len(row) - n:len(row)] = 1
-    return ids, attn, act
 
 
 def _experience(ids, attn, act, old_logprobs, old_values) -> Experience:
@@ -126,7 +109,7 @@ def test_policy_step_on_two_ranks_equals_one_rank(dirs, groups):
     tok, (learners, _) = dirs["tok"], groups
     one = _local(PolicyLearner, dirs["policy"])
     p0 = _params(one.model)
-    ids, attn, act = _batch(tok)
+    ids, attn, act = dirs["batch"]
     exp = _experience(ids, attn, act, one.logprobs(ids, attn), torch.zeros(ids.shape, dtype=torch.float64))
     ptx = _ptx(tok)
     halves = [_local(PolicyLearner, dirs["policy"]) for _ in range(2)]
@@ -145,7 +128,7 @@ def test_critic_step_on_two_ranks_equals_one_rank(dirs, groups):
     tok, (_, critics) = dirs["tok"], groups
     one = _local(CriticLearner, dirs["rm"])
     p0 = _params(one.model)
-    ids, attn, act = _batch(tok)
+    ids, attn, act = dirs["batch"]
     exp = _experience(ids, attn, act, torch.zeros(ids.shape, dtype=torch.float64), one.values(ids, attn))
     halves = [_local(CriticLearner, dirs["rm"]) for _ in range(2)]
     for h, e in zip(halves, exp.chunk(2)):
