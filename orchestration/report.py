@@ -198,6 +198,19 @@ def _bars(names, values, cis, ylabel, title, out: Path, ref: float | None = None
     return out
 
 
+def truthfulqa_table(tq: dict) -> str:
+    """MC1/MC2 per policy beside chance, with what the figures can mean at this model size."""
+    lines = [f"Multiple choice by log-likelihood on {tq['questions']} questions, zero-shot, scored by "
+             f"{tq['harness']} (MC1: the best answer is the likeliest; MC2: the likelihood mass on "
+             "correct answers). The paper reports InstructGPT more truthful than GPT-3 here. "
+             "A model with no knowledge of the world (as the tiny ones are) scores near chance, so "
+             "differences between policies then say nothing about truthfulness.", "",
+             "| policy | MC1 | MC2 |", "|---|---|---|"]
+    lines += [f"| {name} | {s['mc1']:.3f} | {s['mc2']:.3f} |" for name, s in tq["policies"].items()]
+    lines.append(f"| chance | {tq['chance']['mc1']:.3f} | {tq['chance']['mc2']:.3f} |")
+    return "\n".join(lines)
+
+
 def plot_win_rates(results: dict, out: Path) -> Path | None:
     """Like the paper's Figure 1: each policy's win rate against SFT (SFT: fresh samples)."""
     rows = results["policies"]
@@ -247,6 +260,8 @@ def write_report(run_dir: str | Path) -> str:
                       "Mean gold score of each policy's held-out responses per task family (SFT: its "
                       "resampled row): where RL gains, and where the RM leaves SFT's mistakes in place.",
                       "", families, ""]
+        if results.get("truthfulqa"):
+            lines += ["## TruthfulQA (public NLP benchmark)", "", truthfulqa_table(results["truthfulqa"]), ""]
         pngs += [("Win rate against SFT", plot_win_rates(results, plots / "win_rates.png")),
                  ("Held-out pretraining LM loss", plot_lm_loss(results, plots / "lm_loss.png"))]
     acc = rm_accuracy(run_dir)

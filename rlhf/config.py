@@ -10,6 +10,7 @@ where a training command starts (eval and serve, and `--dry-run`, still load the
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -241,6 +242,14 @@ class EvalConfig(_Section):
     num_pretrain_docs: int = Field(200, ge=1)
     # Independent responses per prompt; intervals still resample whole prompts.
     samples_per_prompt: int = Field(1, ge=1)
+    # TruthfulQA.csv: adds MC1/MC2 accuracy of every policy, through lm-evaluation-harness (the eval extra).
+    truthfulqa: str | None = None
+    truthfulqa_limit: int | None = Field(None, ge=1)  # only the first N questions
+
+    @field_validator("truthfulqa")
+    @classmethod
+    def _truthfulqa_absolute(cls, v: str | None) -> str | None:
+        return None if v is None else _absolute(v)
 
 
 class Config(_Section):
@@ -428,6 +437,11 @@ def check_geometry(cfg: Config, check_files: bool = True) -> list[tuple[str, str
                 p.append((f"data.{field}", "required when data.source is files"))
             elif check_files and _looks_local(value) and not Path(value).exists():
                 p.append((f"data.{field}", f"file not found: {value}"))
+    if check_files and cfg.eval.truthfulqa:
+        if not Path(cfg.eval.truthfulqa).exists():
+            p.append(("eval.truthfulqa", f"file not found: {cfg.eval.truthfulqa}"))
+        if importlib.util.find_spec("lm_eval") is None:  # before a run trains for an hour, not after
+            p.append(("eval.truthfulqa", "needs lm-evaluation-harness: pip install -e '.[eval]'"))
     return p
 
 

@@ -320,6 +320,10 @@ def run_eval(cfg: Config) -> dict:
         "policies": summarise(evals, sft_resample, data),
         "ptx_effect": ptx_effect(evals, data),
     }
+    if cfg.eval.truthfulqa:
+        from orchestration.stages import truthfulqa  # lm-eval is an optional extra
+
+        results["truthfulqa"] = truthfulqa.evaluate(cfg, found, device, dtype)
     out_dir = cfg.output_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_samples(out_dir / "samples.jsonl", data, evals)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -116,19 +117,22 @@ def _cap_answers(correct: list[str], incorrect: list[str], max_k: int) -> tuple[
     return correct[:n_c], incorrect[:n_i]
 
 
-def truthfulqa(path: str | Path, max_k: int = MAX_K, skipped: Counter | None = None) -> list[Comparison]:
-    """TruthfulQA questions -> K-way comparisons: every correct answer above every incorrect.
+@dataclass(frozen=True)
+class TruthfulQAItem:
+    """One TruthfulQA question with its answers, the Best Answer first among the correct ones."""
+    question: str
+    correct: tuple[str, ...]
+    incorrect: tuple[str, ...]
 
-    Correct answers all get rank 0 (ties), incorrect rank 1. The Best Answer
-    comes first. An answer listed as both correct and incorrect (e.g.
-    "Unknown") is dropped from both. Over max_k answers, they are taken
-    alternately correct/incorrect in file order, so both sides survive.
-    Skipped (counted): "one_sided" (no correct or no incorrect answer left).
+
+def truthfulqa_items(path: str | Path, skipped: Counter | None = None) -> list[TruthfulQAItem]:
+    """TruthfulQA rows -> questions with all their correct and incorrect answers.
+
+    An answer listed as both correct and incorrect (e.g. "Unknown") is dropped
+    from both. Skipped (counted): "one_sided" (no correct or no incorrect answer left).
     """
-    if not MIN_K <= max_k <= MAX_K:
-        raise ValueError(f"max_k must be in [{MIN_K}, {MAX_K}], got {max_k}")
     skipped = Counter() if skipped is None else skipped
-    out: list[Comparison] = []
+    out: list[TruthfulQAItem] = []
     for row in load_rows(path):
         best = row["Best Answer"].strip()
         correct = _answers(row["Correct Answers"])
@@ -140,10 +144,25 @@ def truthfulqa(path: str | Path, max_k: int = MAX_K, skipped: Counter | None = N
         if not correct or not incorrect:
             skipped["one_sided"] += 1
             continue
-        correct, incorrect = _cap_answers(correct, incorrect, max_k)
-        out.append(Comparison(prompt=row["Question"].strip(), responses=tuple(correct + incorrect),
-                              ranks=(0,) * len(correct) + (1,) * len(incorrect)))
+        out.append(TruthfulQAItem(row["Question"].strip(), tuple(correct), tuple(incorrect)))
     _log_skipped(f"truthfulqa {path}", len(out), skipped)
+    return out
+
+
+def truthfulqa(path: str | Path, max_k: int = MAX_K, skipped: Counter | None = None) -> list[Comparison]:
+    """TruthfulQA questions -> K-way comparisons: every correct answer above every incorrect.
+
+    Correct answers all get rank 0 (ties), incorrect rank 1, the Best Answer
+    first (see `truthfulqa_items`). Over max_k answers, they are taken
+    alternately correct/incorrect in file order, so both sides survive.
+    """
+    if not MIN_K <= max_k <= MAX_K:
+        raise ValueError(f"max_k must be in [{MIN_K}, {MAX_K}], got {max_k}")
+    out: list[Comparison] = []
+    for item in truthfulqa_items(path, skipped):
+        correct, incorrect = _cap_answers(list(item.correct), list(item.incorrect), max_k)
+        out.append(Comparison(prompt=item.question, responses=tuple(correct + incorrect),
+                              ranks=(0,) * len(correct) + (1,) * len(incorrect)))
     return out
 
 
