@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,48 @@ def test_serve_run_of_a_serve_config_file_answers_openai_requests(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _serve(cli: list[str], address: str, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "serve"), *cli, "--address", address], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.e2e
+def test_serve_deploy_onto_a_running_cluster_then_status_and_shutdown(cluster, tmp_path):
+    import openai
+
+    from rlhf.tiny import make_tiny_base
+
+    address, env = cluster
+    checkpoint = make_tiny_base(tmp_path / "policy", TEXTS, vocab_size=300, n_positions=CONTEXT,
+                                n_embd=32, n_layer=2, n_head=2)
+    port = _free_port()
+    shipped = yaml.safe_load((Path(__file__).parents[2] / "configs/serve/instructray.yaml").read_text())
+    shipped["http_options"]["port"] = port
+    shipped["applications"][0]["args"]["target"] = str(checkpoint)
+    config_file = tmp_path / "serve.yaml"
+    config_file.write_text(yaml.safe_dump(shipped))
+    deployed = _serve(["deploy", str(config_file)], address, env)
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+    try:
+        deadline, status = time.time() + 300, ""
+        while time.time() < deadline:  # deploy returns at once; the app comes up behind it
+            status = _serve(["status"], address, env).stdout
+            if yaml.safe_load(status or "{}").get("applications", {}).get("instructray", {}).get("status") \
+                    == "RUNNING":
+                break
+            time.sleep(2)
+        app = yaml.safe_load(status)["applications"]["instructray"]
+        assert app["status"] == "RUNNING", status
+        assert all(d["status"] == "HEALTHY" for d in app["deployments"].values()), status
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        out = client.completions.create(model="policy", prompt="the quick brown", max_tokens=4, seed=1)
+        assert out.usage.completion_tokens >= 1
+    finally:
+        down = _serve(["shutdown", "--yes"], address, env)
+    assert down.returncode == 0, down.stderr[-2000:]
+    after = _serve(["status"], address, env).stdout
+    assert "instructray" not in (yaml.safe_load(after or "{}") or {}).get("applications", {}), after
