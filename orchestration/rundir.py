@@ -81,9 +81,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 class MetricsLogger:
-    """Appends one JSON line per record and mirrors scalars to TensorBoard."""
+    """Appends one JSON line per record and mirrors scalars to TensorBoard, and to
+    Weights & Biases when `cfg.run.wandb` is offline or online."""
 
-    def __init__(self, stage_dir: StageDir, tensorboard: bool = True):
+    def __init__(self, stage_dir: StageDir, tensorboard: bool = True, cfg=None):
         stage_dir.path.mkdir(parents=True, exist_ok=True)
         # Opened per record: `truncate_metrics` replaces the file, and a handle held open
         # would go on writing to the replaced one.
@@ -92,19 +93,42 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(str(stage_dir.tb_dir))
+        self._wandb = wandb_run(stage_dir, cfg) if cfg is not None and cfg.run.wandb != "off" else None
 
     def log(self, step: int, **metrics) -> None:
         record = {"step": step, "time": time.time(), **metrics}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def wandb_run(stage_dir: StageDir, cfg):
+    """One W&B run per stage, grouped by run directory, the config logged once at its start.
+
+    Its id is fixed by the run directory and stage, so a resumed stage continues the
+    same W&B run; files go under `<run>/wandb/`.
+    """
+    import hashlib
+
+    import wandb
+
+    run_dir = stage_dir.path.parent
+    digest = hashlib.blake2b(str(run_dir.resolve()).encode(), digest_size=4).hexdigest()
+    return wandb.init(project=cfg.run.wandb_project, mode=cfg.run.wandb, dir=str(run_dir),
+                      group=run_dir.name, name=f"{run_dir.name}/{stage_dir.path.name}",
+                      id=f"{run_dir.name}-{stage_dir.path.name}-{digest}", resume="allow",
+                      config=cfg.model_dump(mode="json"), reinit="create_new")
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -49,6 +49,9 @@ class RunConfig(_Section):
     output_dir: str = "runs/tiny"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Weights & Biases beside TensorBoard (the wandb extra); offline writes <run>/wandb/ for `wandb sync`.
+    wandb: Literal["off", "offline", "online"] = "off"
+    wandb_project: str = "instructray"
 
     @field_validator("output_dir")
     @classmethod
@@ -437,6 +440,8 @@ def check_geometry(cfg: Config, check_files: bool = True) -> list[tuple[str, str
                 p.append((f"data.{field}", "required when data.source is files"))
             elif check_files and _looks_local(value) and not Path(value).exists():
                 p.append((f"data.{field}", f"file not found: {value}"))
+    if check_files and cfg.run.wandb != "off" and importlib.util.find_spec("wandb") is None:
+        p.append(("run.wandb", "needs the wandb package: pip install -e '.[wandb]'"))
     if check_files and cfg.eval.truthfulqa:
         if not Path(cfg.eval.truthfulqa).exists():
             p.append(("eval.truthfulqa", f"file not found: {cfg.eval.truthfulqa}"))

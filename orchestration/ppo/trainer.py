@@ -129,7 +129,7 @@ class PPOTrainer:
         except ActorLost as lost:  # a learner rank already: the rewind does the same start
             self._rewound(lost)
         total = self.cfg.ppo_iterations
-        logger = MetricsLogger(self.stage)
+        logger = MetricsLogger(self.stage, cfg=self.cfg)
         bar = tqdm(total=total, initial=self.iteration, desc=f"{self.stage.path.name}", unit="it")
         try:
             while True:

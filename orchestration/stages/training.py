@@ -140,7 +140,7 @@ class Progress:
 
     def __init__(self, ctx: WorkerContext, total_steps: int, start_step: int, desc: str):
         self.main = ctx.is_main
-        self.logger = MetricsLogger(ctx.stage) if self.main else None
+        self.logger = MetricsLogger(ctx.stage, cfg=ctx.cfg) if self.main else None
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, mininterval=2.0,
                         dynamic_ncols=True, disable=not self.main)
         self._t = time.perf_counter()
