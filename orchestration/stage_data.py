@@ -5,7 +5,9 @@
   in the seed), plus, for held-out comparisons, the same responses ranked by
   the noiseless gold labeler (`comparisons_<split>_gold.jsonl`);
 - `data.source: files`: the configured files, split 80/10/10 by a stable hash
-  of each prompt (or text), so validation never sees a training prompt.
+  of each prompt (or text), so validation never sees a training prompt;
+- `data.source: public`: the public sets under `data.public_root`, through their
+  adapters (`rlhf.data.public`), split the same way.
 Workers then `load` records through `rlhf.data.load_records`, dropping prompts
 longer than `model.max_prompt_tokens` tokens of the stage's tokenizer (the
 paper filters prompts over 1k tokens) and logging how many.
@@ -19,6 +21,7 @@ from typing import Callable
 
 from rlhf.config import Config
 from rlhf.data import Comparison, Record, load_records, load_records_with_stats, write_jsonl
+from rlhf.data.public import FILES as PUBLIC_FILES, public_records
 from rlhf.synthetic import SyntheticSuite, noiseless_ranks, parse_prompt
 from rlhf.synthetic.tasks import SPLITS, split_of
 
@@ -81,9 +84,13 @@ def split_by_hash(records: list[Record]) -> dict[str, list[Record]]:
 
 
 def file_records(cfg: Config) -> dict[str, list[Record]]:
+    return _split_all({name: load_records(getattr(cfg.data, field), kind) for name, (kind, field) in KINDS.items()})
+
+
+def _split_all(by_name: dict[str, list[Record]]) -> dict[str, list[Record]]:
     out: dict[str, list[Record]] = {}
-    for name, (kind, field) in KINDS.items():
-        for split, recs in split_by_hash(load_records(getattr(cfg.data, field), kind)).items():
+    for name, records in by_name.items():
+        for split, recs in split_by_hash(records).items():
             out[f"{name}_{split}"] = recs
     return out
 
@@ -93,8 +100,11 @@ def _manifest(cfg: Config) -> dict:
     if cfg.data.source == "synthetic":
         return {"source": "synthetic", "synthetic": cfg.data.synthetic.model_dump(),
                 "eval_pretrain_docs": cfg.eval.num_pretrain_docs}
-    files = {field: getattr(cfg.data, field) for _, field in KINDS.values()}
-    return {"source": "files", "files": files,
+    if cfg.data.source == "public":
+        files = {name: str(Path(cfg.data.public_root) / rel) for name, rel in PUBLIC_FILES.items()}
+    else:
+        files = {field: getattr(cfg.data, field) for _, field in KINDS.values()}
+    return {"source": cfg.data.source, "files": files,
             "mtimes": {f: Path(p).stat().st_mtime for f, p in files.items() if Path(p).exists()}}
 
 
@@ -104,7 +114,8 @@ def materialise(cfg: Config) -> Path:
     manifest = _manifest(cfg)
     if (folder / MANIFEST).exists() and json.loads((folder / MANIFEST).read_text()) == manifest:
         return folder
-    records = synthetic_records(cfg) if cfg.data.source == "synthetic" else file_records(cfg)
+    records = {"synthetic": synthetic_records, "files": file_records,
+               "public": lambda c: _split_all(public_records(c.data.public_root))}[cfg.data.source](cfg)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)
     for stem, recs in records.items():

@@ -117,8 +117,10 @@ class SyntheticDataConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["synthetic", "files"] = "synthetic"
+    source: Literal["synthetic", "files", "public"] = "synthetic"
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
+    # For source "public": a folder holding the public sets in their own files (docs/data_formats.md).
+    public_root: str | None = None
     # For source "files": local JSON/JSONL/CSV/parquet or hub names (docs/data_formats.md).
     demonstrations: str | None = None
     comparisons: str | None = None
@@ -129,6 +131,11 @@ class DataConfig(_Section):
     @classmethod
     def _paths_absolute(cls, v: str | None) -> str | None:
         return _absolute_if_local(v)
+
+    @field_validator("public_root")
+    @classmethod
+    def _root_absolute(cls, v: str | None) -> str | None:
+        return None if v is None else _absolute(v)
 
 
 class PretrainConfig(_Section):
@@ -440,6 +447,12 @@ def check_geometry(cfg: Config, check_files: bool = True) -> list[tuple[str, str
                 p.append((f"data.{field}", "required when data.source is files"))
             elif check_files and _looks_local(value) and not Path(value).exists():
                 p.append((f"data.{field}", f"file not found: {value}"))
+    if cfg.data.source == "public":
+        from rlhf.data.public import missing_public_files  # the layout lives with its reader
+        if check_files and cfg.data.public_root is None:  # the preset itself leaves it to the command line
+            p.append(("data.public_root", "required when data.source is public: the folder of the public sets"))
+        elif check_files and (missing := missing_public_files(cfg.data.public_root)):
+            p.append(("data.public_root", f"missing {', '.join(missing)}"))
     if check_files and cfg.run.wandb != "off" and importlib.util.find_spec("wandb") is None:
         p.append(("run.wandb", "needs the wandb package: pip install -e '.[wandb]'"))
     if check_files and cfg.eval.truthfulqa:

@@ -89,12 +89,12 @@ def held_out(cfg: Config, tokenizer) -> HeldOut:
         tasks, prompts = [t for t, _ in pairs], [p for _, p in pairs]
         texts = [r.text for r in suite.pretraining_text("test", n_docs)]
     else:
-        from orchestration.stage_data import split_by_hash
-        from rlhf.data import load_records
+        from orchestration import stage_data
 
-        # The files' own test split (stable hash of each prompt / text), as the stages use.
-        prompts = [r.prompt for r in split_by_hash(load_records(cfg.data.prompts, "prompts"))["test"]]
-        texts = [r.text for r in split_by_hash(load_records(cfg.data.pretrain_text, "text"))["test"]]
+        # The data's own test split (stable hash of each prompt / text), as the stages made it.
+        stage_data.materialise(cfg)
+        prompts = [r.prompt for r in stage_data.load(cfg, "prompts", "test")]
+        texts = [r.text for r in stage_data.load(cfg, "pretrain", "test")]
         prompts, texts, tasks = prompts[:n_prompts], texts[:n_docs], None
     keep = [i for i, p in enumerate(prompts)
             if len(tokenizer(p, add_special_tokens=False)["input_ids"]) <= cfg.model.max_prompt_tokens]

@@ -40,6 +40,8 @@ ALLOWED: dict[str, tuple[str, str, str]] = {
                             "read by name, getattr(cfg.data, field) over the KINDS table"),
     "data.comparisons": ("orchestration/stage_data.py", r'"comparisons"',
                          "read by name, getattr(cfg.data, field) over the KINDS table"),
+    "data.pretrain_text": ("orchestration/stage_data.py", r'"pretrain_text"',
+                           "read by name, getattr(cfg.data, field) over the KINDS table"),
     "ppo_init_sft.select_by_rm": ("orchestration/stages/sft.py", r"\.select_by_rm\b",
                                   "getattr(cfg, section).select_by_rm, the section passed by "
                                   "orchestration/pipeline.py"),
