@@ -84,7 +84,8 @@ def split_by_hash(records: list[Record]) -> dict[str, list[Record]]:
 
 
 def file_records(cfg: Config) -> dict[str, list[Record]]:
-    return _split_all({name: load_records(getattr(cfg.data, field), kind) for name, (kind, field) in KINDS.items()})
+    return _split_all({name: load_records(getattr(cfg.data, field), kind, columns=cfg.data.columns.get(field))
+                       for name, (kind, field) in KINDS.items()})
 
 
 def _split_all(by_name: dict[str, list[Record]]) -> dict[str, list[Record]]:
@@ -104,7 +105,7 @@ def _manifest(cfg: Config) -> dict:
         files = {name: str(Path(cfg.data.public_root) / rel) for name, rel in PUBLIC_FILES.items()}
     else:
         files = {field: getattr(cfg.data, field) for _, field in KINDS.values()}
-    return {"source": cfg.data.source, "files": files,
+    return {"source": cfg.data.source, "files": files, "columns": cfg.data.columns,
             "mtimes": {f: Path(p).stat().st_mtime for f, p in files.items() if Path(p).exists()}}
 
 

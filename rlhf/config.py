@@ -119,6 +119,9 @@ class SyntheticDataConfig(_Section):
 class DataConfig(_Section):
     source: Literal["synthetic", "files", "public"] = "synthetic"
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
+    # For source "files": per kind, our field -> the source's column, e.g. a hub set's
+    # {demonstrations: {prompt: instruction}}; unmapped fields keep their names.
+    columns: dict[Literal["demonstrations", "comparisons", "prompts", "pretrain_text"], dict[str, str]] = {}
     # For source "public": a folder holding the public sets in their own files (docs/data_formats.md).
     public_root: str | None = None
     # For source "files": local JSON/JSONL/CSV/parquet or hub names (docs/data_formats.md).
@@ -397,7 +400,7 @@ def format_problems(cfg: Config, problems: list[tuple[str, str]]) -> str:
 def _field_value(cfg: Config, dotted: str) -> Any:
     node: Any = cfg
     for part in dotted.split("."):
-        node = getattr(node, part)
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
     return node
 
 
@@ -447,6 +450,14 @@ def check_geometry(cfg: Config, check_files: bool = True) -> list[tuple[str, str
                 p.append((f"data.{field}", "required when data.source is files"))
             elif check_files and _looks_local(value) and not Path(value).exists():
                 p.append((f"data.{field}", f"file not found: {value}"))
+    fields = {"demonstrations": ("prompt", "response"), "prompts": ("prompt",), "pretrain_text": ("text",),
+              "comparisons": ("prompt", "responses", "ranks", "chosen", "rejected", "soft_label")}
+    for kind, mapping in cfg.data.columns.items():
+        if cfg.data.source != "files":
+            p.append((f"data.columns.{kind}", "only read when data.source is files"))
+        for ours in mapping:
+            if ours not in fields[kind]:
+                p.append((f"data.columns.{kind}", f"{ours!r} is not a field of {kind} ({', '.join(fields[kind])})"))
     if cfg.data.source == "public":
         from rlhf.data.public import missing_public_files  # the layout lives with its reader
         if check_files and cfg.data.public_root is None:  # the preset itself leaves it to the command line

@@ -115,7 +115,13 @@ def _csv_value(key: str, value: Any) -> Any:
         raise RecordError(f"field {key!r} must be JSON in a CSV cell, got {value[:40]!r}") from None
 
 
-def _from_row(kind: str, row: Mapping[str, Any], csv_cells: bool) -> Record:
+def _from_row(kind: str, row: Mapping[str, Any], csv_cells: bool,
+              columns: Mapping[str, str] | None = None) -> Record:
+    if columns:  # our field <- their column, e.g. a hub set's "instruction" as our "prompt"
+        missing = [theirs for theirs in columns.values() if theirs not in row]
+        if missing:
+            raise RecordError(f"no column {missing[0]!r} (mapped in data.columns); the row has {sorted(row)}")
+        row = {**row, **{ours: row[theirs] for ours, theirs in columns.items()}}
     if csv_cells:
         row = {k: _csv_value(k, v) for k, v in row.items()}
     return record_from_dict(kind, row)
@@ -244,7 +250,8 @@ def _iter_rows(ds, failure: Callable[[Exception], DataError]) -> Iterator[dict[s
 def load_records_with_stats(source: str | Path, kind: Kind, split: str = "train",
                             limit: int | None = None, max_prompt_chars: int | None = None,
                             too_long: Callable[[str], bool] | None = None,
-                            cache_dir: str | None = None) -> LoadResult:
+                            cache_dir: str | None = None, columns: Mapping[str, str] | None = None
+                            ) -> LoadResult:
     """Like `load_records`, also counting rows read and rows filtered as too long."""
     if kind not in RECORD_TYPES:
         raise ValueError(f"kind must be one of {sorted(RECORD_TYPES)}, got {kind!r}")
@@ -271,7 +278,7 @@ def load_records_with_stats(source: str | Path, kind: Kind, split: str = "train"
             break
         n_rows += 1
         try:
-            rec = _from_row(kind, row, csv_cells)
+            rec = _from_row(kind, row, csv_cells, columns)
         except RecordError as e:
             raise DataError(f"{name}: {where(i)}: {e}") from e
         if not isinstance(rec, TextRecord) and _prompt_too_long(rec.prompt, max_prompt_chars, too_long):
@@ -289,15 +296,17 @@ def _prompt_too_long(prompt: str, max_chars: int | None, too_long: Callable[[str
 
 def load_records(source: str | Path, kind: Kind, split: str = "train", limit: int | None = None,
                  max_prompt_chars: int | None = None, too_long: Callable[[str], bool] | None = None,
-                 cache_dir: str | None = None) -> list[Record]:
+                 cache_dir: str | None = None, columns: Mapping[str, str] | None = None) -> list[Record]:
     """Records of `kind` from a local file or hub dataset; raises DataError naming the bad line.
 
     `limit` caps the number of records returned. Prompts longer than
     `max_prompt_chars`, or for which `too_long(prompt)` is true (e.g. a token
     count > 1024, as in the paper), are dropped and the count logged; use
-    `load_records_with_stats` to get the count.
+    `load_records_with_stats` to get the count. `columns` maps our field names to
+    the source's columns (`{"prompt": "instruction"}`); unmapped fields keep their names.
     """
-    return load_records_with_stats(source, kind, split, limit, max_prompt_chars, too_long, cache_dir).records
+    return load_records_with_stats(source, kind, split, limit, max_prompt_chars, too_long, cache_dir,
+                                   columns).records
 
 
 def write_jsonl(records: Iterable[Record], path: str | Path) -> int:
