@@ -88,6 +88,10 @@ def file_records(cfg: Config) -> dict[str, list[Record]]:
                        for name, (kind, field) in KINDS.items()})
 
 
+def public_split_records(cfg: Config) -> dict[str, list[Record]]:
+    return _split_all(public_records(cfg.data.public_root))
+
+
 def _split_all(by_name: dict[str, list[Record]]) -> dict[str, list[Record]]:
     out: dict[str, list[Record]] = {}
     for name, records in by_name.items():
@@ -116,7 +120,7 @@ def materialise(cfg: Config) -> Path:
     if (folder / MANIFEST).exists() and json.loads((folder / MANIFEST).read_text()) == manifest:
         return folder
     records = {"synthetic": synthetic_records, "files": file_records,
-               "public": lambda c: _split_all(public_records(c.data.public_root))}[cfg.data.source](cfg)
+               "public": public_split_records}[cfg.data.source](cfg)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)
     for stem, recs in records.items():

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from rlhf.data.formats import DISK_FIELDS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "configs"
 DEFAULT_PRESET = PRESETS_DIR / "tiny.yaml"
@@ -450,14 +452,13 @@ def check_geometry(cfg: Config, check_files: bool = True) -> list[tuple[str, str
                 p.append((f"data.{field}", "required when data.source is files"))
             elif check_files and _looks_local(value) and not Path(value).exists():
                 p.append((f"data.{field}", f"file not found: {value}"))
-    fields = {"demonstrations": ("prompt", "response"), "prompts": ("prompt",), "pretrain_text": ("text",),
-              "comparisons": ("prompt", "responses", "ranks", "chosen", "rejected", "soft_label")}
     for kind, mapping in cfg.data.columns.items():
         if cfg.data.source != "files":
             p.append((f"data.columns.{kind}", "only read when data.source is files"))
+        known = DISK_FIELDS["text" if kind == "pretrain_text" else kind]
         for ours in mapping:
-            if ours not in fields[kind]:
-                p.append((f"data.columns.{kind}", f"{ours!r} is not a field of {kind} ({', '.join(fields[kind])})"))
+            if ours not in known:
+                p.append((f"data.columns.{kind}", f"{ours!r} is not a field of {kind} ({', '.join(known)})"))
     if cfg.data.source == "public":
         from rlhf.data.public import missing_public_files  # the layout lives with its reader
         if check_files and cfg.data.public_root is None:  # the preset itself leaves it to the command line

@@ -8,6 +8,7 @@ figures are the harness's. Needs the `eval` extra (`pip install -e '.[eval]'`).
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -35,7 +36,6 @@ def _lm_eval():
 
 def chance(tasks_dir: Path) -> dict[str, float]:
     """What a model with equal likelihood for every answer scores (MC2: the share of correct answers)."""
-    import json
     rows = [json.loads(line) for line in (tasks_dir / DATA_FILE).read_text().splitlines()]
     return {"mc1": sum(1 / len(r["mc1"]["choices"]) for r in rows) / len(rows),
             "mc2": sum(sum(r["mc2"]["labels"]) / len(r["mc2"]["labels"]) for r in rows) / len(rows)}

@@ -157,6 +157,13 @@ RECORD_TYPES: dict[str, type] = {
     "prompts": PromptRecord,
     "text": TextRecord,
 }
+# The on-disk fields `record_from_dict` reads for each kind (what a column mapping may name).
+DISK_FIELDS: dict[str, tuple[str, ...]] = {
+    "demonstrations": ("prompt", "response"),
+    "comparisons": ("prompt", "responses", "ranks", "chosen", "rejected", "soft_label"),
+    "prompts": ("prompt",),
+    "text": ("text",),
+}
 
 
 def _get(row: Mapping[str, Any], key: str) -> Any:
