@@ -465,6 +465,13 @@ def check_geometry(cfg: Config, check_files: bool = True) -> list[tuple[str, str
             p.append(("data.public_root", "required when data.source is public: the folder of the public sets"))
         elif check_files and (missing := missing_public_files(cfg.data.public_root)):
             p.append(("data.public_root", f"missing {', '.join(missing)}"))
+    # Settings that only their feature reads: set without it, they would be accepted and ignored.
+    if cfg.data.public_root is not None and cfg.data.source != "public":
+        p.append(("data.public_root", "only read when data.source is public"))
+    if cfg.eval.truthfulqa_limit is not None and not cfg.eval.truthfulqa:
+        p.append(("eval.truthfulqa_limit", "only read with eval.truthfulqa (the TruthfulQA CSV)"))
+    if cfg.run.wandb == "off" and cfg.run.wandb_project != RunConfig().wandb_project:
+        p.append(("run.wandb_project", "only read when run.wandb is offline or online"))
     if check_files and cfg.run.wandb != "off" and importlib.util.find_spec("wandb") is None:
         p.append(("run.wandb", "needs the wandb package: pip install -e '.[wandb]'"))
     if check_files and cfg.eval.truthfulqa:

@@ -198,3 +198,13 @@ def test_serve_takes_host_and_port_flags_like_other_servers(capsys):
     assert (cfg.serve.host, cfg.serve.port) == ("0.0.0.0", 8123)
     assert cli.main(["serve", "runs/x", "--port", "70000", "--dry-run"]) == 2
     assert "serve.port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, field", [
+    ("data.public_root=/somewhere", "data.public_root"),
+    ("eval.truthfulqa_limit=10", "eval.truthfulqa_limit"),
+    ("run.wandb_project=mine", "run.wandb_project"),
+])
+def test_a_setting_without_its_feature_is_refused(override, field):
+    with pytest.raises(ConfigError, match=rf"{re.escape(field)}.*only read"):
+        load_config(None, [override])

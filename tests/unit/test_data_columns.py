@@ -52,3 +52,4 @@ def test_a_mapping_that_would_be_ignored_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"'answer' is not a field of demonstrations"):
         load_config(None, ["data.source=files", "data.demonstrations=a", "data.comparisons=b", "data.prompts=c",
                            "data.pretrain_text=d", "data.columns.demonstrations.answer=output"])
+
