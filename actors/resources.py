@@ -7,6 +7,7 @@ first so its intra-op pool matches the `num_cpus` Ray granted it (at least 1).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -30,7 +31,7 @@ def threads_for(num_cpus: float | None) -> int:
 
 def configure_threads(num_threads: int | None = None) -> int:
     """Set torch's thread pools for this process; None = derive from Ray's grant."""
-    n = num_threads if num_threads else threads_for(assigned_cpus())
+    n = min(num_threads if num_threads else threads_for(assigned_cpus()), os.cpu_count() or 1)
     torch.set_num_threads(n)
     try:
         torch.set_num_interop_threads(1)

@@ -44,12 +44,13 @@ def actor_specs(cfg: Config, total_cpus: float) -> list[ActorSpec]:
     counts = {"generator": p.num_generators, "reward": 1, "reference": 1,
               "critic": p.num_learners, "learner": p.num_learners}
     cpus = cpu_share(sum(counts.values()), total_cpus)
-    # One thread each: on 2 cores, more per actor oversubscribes the machine.
-    threads = 1
+    # One thread each, but the policy ranks share every core: the phases take turns, and in
+    # the learn phase only the critics run beside them, for a fraction of the time (no ptx rows).
+    threads = {"learner": max(1, math.floor(total_cpus / p.num_learners))}
     gpus = {"generator": gpu * cfg.resources.gpus_per_generator}  # a vLLM engine's tensor parallel size
     titles = {"generator": "rollout generator", "reward": "reward scorer", "reference": "reference scorer",
               "critic": "critic learner", "learner": "policy learner"}
-    return [ActorSpec(role, titles[role], n, cpus, gpus.get(role, gpu), threads)
+    return [ActorSpec(role, titles[role], n, cpus, gpus.get(role, gpu), threads.get(role, 1))
             for role, n in counts.items()]
 
 

@@ -23,6 +23,13 @@ def test_specs_cover_every_role_with_the_team_counts_and_fit_the_cpus():
     assert cpu_share(4, total_cpus=64.0) == 1.0  # never more than a core each
 
 
+def test_policy_ranks_share_every_core_and_the_other_roles_take_one_thread():
+    one = {s.role: s.num_threads for s in actor_specs(load_config("tiny", []), total_cpus=2.0)}
+    assert one == {"generator": 1, "reward": 1, "reference": 1, "critic": 1, "learner": 2}
+    four = {s.role: s.num_threads for s in actor_specs(load_config("tiny", ["ppo.num_learners=4"]), 16.0)}
+    assert four["learner"] == 4 and four["critic"] == 1
+
+
 def test_gpu_specs_give_only_generators_tensor_parallel_gpus():
     cfg = load_config("tiny", ["resources.num_gpus=8", "resources.gpus_per_generator=2",
                                "ppo.num_generators=2", "ppo.num_learners=1"])
