@@ -43,10 +43,14 @@ def data_file(cfg: Config, name: str, split: str, gold: bool = False) -> Path:
     return data_dir(cfg) / f"{name}_{split}{'_gold' if gold else ''}.jsonl"
 
 
+def synthetic_suite(cfg: Config) -> SyntheticSuite:
+    syn = cfg.data.synthetic
+    return SyntheticSuite(syn.seed, syn.labeler_agreement, syn.demo_noise, syn.families)
+
+
 def synthetic_records(cfg: Config) -> dict[str, list[Record]]:
     """File name (without .jsonl) -> records, for the synthetic suite."""
-    syn = cfg.data.synthetic
-    suite = SyntheticSuite(syn.seed, syn.labeler_agreement, syn.demo_noise, syn.families)
+    syn, suite = cfg.data.synthetic, synthetic_suite(cfg)
     train = {"demonstrations": syn.num_demonstrations, "comparisons": syn.num_comparisons,
              "prompts": syn.num_prompts, "pretrain": syn.num_pretrain_docs}
     held_out = {"demonstrations": syn.num_eval_prompts, "prompts": syn.num_eval_prompts,

@@ -107,6 +107,9 @@ class SyntheticDataConfig(_Section):
     families: list[str] | None = None
     num_demonstrations: int = Field(2000, ge=1)
     num_comparisons: int = Field(1000, ge=1)
+    # Rankings of the SFT policy's own T=1 samples (the paper's comparison data), made when
+    # the RM stage starts and trained on beside the num_comparisons rankings of made-up mistakes.
+    policy_comparisons: int = Field(0, ge=0)
     # Share of training candidates that run on past the response limit (held-out rankings have none).
     run_on_prob: float = Field(0.0, ge=0, le=0.9)
     k_min: int = Field(4, ge=2, le=9)
@@ -179,6 +182,9 @@ class RMConfig(_Section):
     lr: float = Field(9e-6, gt=0)
     final_lr_fraction: float = Field(0.1, ge=0, le=1)
     normalize: bool = True  # bias so labeler demonstrations score 0 on average
+    # Blocks added to the initial model before training, each starting as the identity
+    # (rlhf.deepen): an RM (and value model) deeper than the policy without a second pretraining.
+    added_layers: int = Field(0, ge=0)
     num_workers: int = Field(1, ge=1)
     # Prompts (each with its K completions) per forward/backward on one worker; None = its whole share.
     micro_batch_size: int | None = Field(None, ge=1)

@@ -11,6 +11,7 @@ The arithmetic is explained in docs/memory_plan.md.
 from __future__ import annotations
 
 import json
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,13 @@ PPO_ROLES = ("learner", "critic", "reward", "reference", "generator")
 def model_shape(cfg: Config, which: str = "policy") -> mm.ModelShape | None:
     """The policy's (or the reward/value model's) shape; None when the plan cannot know it."""
     name = cfg.model.policy if which == "policy" or cfg.model.reward is None else cfg.model.reward
+    shape = _shape_of(cfg, name)
+    if shape is None or which == "policy" or not cfg.rm.added_layers:
+        return shape
+    return dataclasses.replace(shape, layers=shape.layers + cfg.rm.added_layers)  # the RM stage deepens it
+
+
+def _shape_of(cfg: Config, name: str) -> mm.ModelShape | None:
     if name == "tiny":
         t = cfg.model.tiny
         return mm.ModelShape("tiny", t.n_layer, t.n_embd, t.n_head, t.vocab_size, 4 * t.n_embd,

@@ -17,7 +17,8 @@ import torch
 from rlhf.batch import TensorBatch
 from rlhf.decoding import Decoding, left_pad
 
-__all__ = ["Samples", "left_pad", "sample", "SampledChunk", "decode_responses", "sample_and_score"]
+__all__ = ["Samples", "left_pad", "sample", "SampledChunk", "decode_responses", "sample_and_score",
+           "text_sampler"]
 T = TypeVar("T")
 
 
@@ -96,3 +97,14 @@ def sample_and_score(model, tokenizer, prompt_ids: Sequence[Sequence[int]],
             raise ValueError(f"score returned {len(scores)} values for a chunk of {len(rows)} rows")
         out += scores
     return out
+
+
+def text_sampler(model, tokenizer, *, max_new_tokens: int, seed: int,
+                 chunk_size: int = 512) -> Callable[[list[str]], list[str]]:
+    """prompts -> one T=1 response text each: what a labeler is shown to rank."""
+    def draw(prompts: list[str]) -> list[str]:
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        with torch.no_grad():
+            return sample_and_score(model, tokenizer, ids, lambda c: c.responses, chunk_size=chunk_size,
+                                    max_new_tokens=max_new_tokens, seed=seed)
+    return draw

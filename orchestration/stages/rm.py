@@ -1,7 +1,7 @@
 """Stage 2: the reward model on K-way rankings.
 
 Initialised from the SFT model (or `model.reward`) with its unembedding
-replaced by a scalar head. A batch is `rm.batch_size` prompts, each with all
+replaced by a scalar head, and `rm.added_layers` identity blocks on top. A batch is `rm.batch_size` prompts, each with all
 its K completions: one score per completion, all C(K, 2) pairs of a prompt
 scored from them (`rlhf.losses.rm_ranking_loss`). A prompt and its K
 completions are one packed row (`rlhf.collate.collate_rankings`): the same
@@ -14,6 +14,7 @@ The PPO value model is initialised from this RM.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -23,14 +24,19 @@ from orchestration.stages import checkpointing, harness, training
 from rlhf.collate import RankingBatch, TokenLimits, collate_encoded, collate_rankings, encode_comparisons, \
     encode_demonstrations
 from rlhf.config import Config
+from rlhf.deepen import add_layers
 from rlhf.losses import rm_bias, rm_ranking_loss
 from rlhf.masked import global_share
-from rlhf.models import ScalarModel, load_tokenizer
+from rlhf.data import load_records, write_jsonl
+from rlhf.models import ScalarModel, load_policy, load_tokenizer
+from rlhf.sampling import text_sampler
+from rlhf.seeds import derive_seed
 from rlhf.tiny import set_residual_dropout
 
 logger = logging.getLogger(__name__)
 STAGE = "rm"
 EVAL_PROMPTS = 32  # prompts per forward pass in validation
+POLICY_RANKINGS = "policy_comparisons.jsonl"
 
 
 def init_path(cfg: Config) -> str:
@@ -85,7 +91,41 @@ def demonstration_scores(ctx: harness.WorkerContext, model, encoded: list, pad_i
 def rankings(cfg: Config, tokenizer, split: str, gold: bool = False) -> list:
     """Encoded K-way groups of one split (the noisy labels, or the gold labeler's ranking)."""
     limits = TokenLimits(cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
-    return encode_comparisons(tokenizer, stage_data.load(cfg, "comparisons", split, tokenizer, gold=gold), limits)[0]
+    comps = stage_data.load(cfg, "comparisons", split, tokenizer, gold=gold)
+    if split == "train" and uses_policy_rankings(cfg):
+        comps += load_records(policy_rankings_file(cfg), "comparisons")
+    return encode_comparisons(tokenizer, comps, limits)[0]
+
+
+def uses_policy_rankings(cfg: Config) -> bool:
+    return cfg.data.source == "synthetic" and cfg.data.synthetic.policy_comparisons > 0  # its labeler ranks them
+
+
+def policy_rankings_file(cfg: Config) -> Path:
+    return StageDir(cfg.output_dir, STAGE).path / POLICY_RANKINGS
+
+
+def make_policy_rankings(cfg: Config) -> None:
+    """`data.synthetic.policy_comparisons` rankings of the SFT policy's T=1 samples, once per stage.
+
+    The paper's labelers rank samples of its policies; made-up mistakes alone leave the RM
+    blind to what the policy itself writes (docs/experiments.md).
+    """
+    n, out = cfg.data.synthetic.policy_comparisons, policy_rankings_file(cfg)
+    if not uses_policy_rankings(cfg) or out.exists():
+        return
+    sft = StageDir(cfg.output_dir, "sft")
+    if not sft.is_done():
+        raise RuntimeError(f"{sft.final} is missing: data.synthetic.policy_comparisons ranks its samples")
+    tokenizer, policy = load_tokenizer(sft.final), load_policy(sft.final).eval()
+    sampler = text_sampler(policy, tokenizer, max_new_tokens=cfg.model.max_response_tokens,
+                           seed=derive_seed(cfg.run.seed, "policy comparisons"))
+    syn = cfg.data.synthetic
+    records = stage_data.synthetic_suite(cfg).comparisons("train", n, syn.k_min, syn.k_max, sampler=sampler)
+    partial = out.with_suffix(".partial")
+    write_jsonl(records, partial)
+    partial.replace(out)  # whole or absent: a resumed stage trains on the same rankings
+    logger.info("stage 2: %d rankings of the SFT policy's samples on %d prompts", len(records), n)
 
 
 def train_loop(ctx: harness.WorkerContext, init: str) -> dict:
@@ -93,6 +133,7 @@ def train_loop(ctx: harness.WorkerContext, init: str) -> dict:
     tokenizer = load_tokenizer(init)
     pad = tokenizer.pad_token_id
     model = ScalarModel.from_causal_lm(init, seed=cfg.run.seed)
+    add_layers(model.model, rc.added_layers)  # before the trainer wraps or shards it
     set_residual_dropout(model, 0.0)  # the SFT's dropout is not the RM's (the paper gives it none)
     train = rankings(cfg, tokenizer, "train")
     valid = {"noisy": rankings(cfg, tokenizer, "valid"), "gold": rankings(cfg, tokenizer, "valid", gold=True)}
@@ -147,6 +188,7 @@ def train_loop(ctx: harness.WorkerContext, init: str) -> dict:
 def main(cfg: Config, resume: bool = False, checkpoint_every: int | None = None) -> dict:
     harness.prepare_stage_dir(StageDir(cfg.output_dir, STAGE), resume)
     stage_data.materialise(cfg)
+    make_policy_rankings(cfg)
     summary = harness.run_stage(cfg, STAGE, train_loop, cfg.rm.num_workers,
                                 checkpoint_every=checkpoint_every, init=init_path(cfg))
     logger.info("stage 2: held-out pairwise accuracy %s; reward bias %.3f",

@@ -19,7 +19,7 @@ SHORT = [
     "model.tiny.n_positions=96", "model.context_length=96", "model.max_prompt_tokens=64",
     "model.max_response_tokens=8", "data.synthetic.num_demonstrations=64", "data.synthetic.num_comparisons=32",
     "data.synthetic.num_prompts=32", "data.synthetic.num_pretrain_docs=200", "data.synthetic.num_eval_prompts=16",
-    "data.synthetic.num_eval_comparisons=16",
+    "data.synthetic.num_eval_comparisons=16", "data.synthetic.policy_comparisons=8",
     "eval.num_prompts=16", "eval.num_pretrain_docs=40", "pretrain.steps=4", "pretrain.batch_size=8",
     "pretrain.seq_len=32", "sft.epochs=1", "sft.batch_size=16", "rm.batch_size=8",
     "ppo.episodes=16", "ppo.batch_size=16", "ppo.minibatch_size=8", "ppo.ptx_seq_len=32", "ppo.ptx_ratio=1",

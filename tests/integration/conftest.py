@@ -21,7 +21,7 @@ TINY = [
     "data.synthetic.num_prompts=32", "data.synthetic.num_pretrain_docs=300",
     "data.synthetic.num_eval_prompts=48", "data.synthetic.num_eval_comparisons=48", "eval.num_pretrain_docs=60",
     "pretrain.steps=16", "pretrain.batch_size=16", "pretrain.seq_len=64", "pretrain.lr=5e-3",
-    "sft.epochs=2", "sft.batch_size=16", "rm.batch_size=8",
+    "sft.epochs=2", "sft.batch_size=16", "rm.batch_size=8", "data.synthetic.policy_comparisons=24",
 ]
 # The shared run trains SFT and the RM on 2 DDP workers, SFT without dropout so
 # that tests/integration/test_ddp.py can compare its curve with one worker's.

@@ -9,9 +9,11 @@ from orchestration import stage_data
 from orchestration.rundir import StageDir
 from orchestration.stages import rm
 from rlhf.collate import TokenLimits, collate_rankings, encode_comparisons, encode_pair
-from rlhf.data import Comparison
+from rlhf.data import Comparison, load_records
 from rlhf.losses import rm_ranking_loss
-from rlhf.models import ScalarModel, load_tokenizer
+from rlhf.models import ScalarModel, load_policy, load_tokenizer
+from rlhf.sampling import text_sampler
+from rlhf.seeds import derive_seed
 
 LIMITS = TokenLimits(64, 16)
 
@@ -89,3 +91,23 @@ def test_rm_bias_centres_heldout_demonstrations_at_zero(tiny_run):
     assert abs(model.reward_bias) > 1e-3  # a real shift, not a default
     assert float(scores.mean()) == pytest.approx(0.0, abs=1e-4)
     assert float(scores.std()) > 1e-3  # centred, not collapsed
+
+
+@pytest.mark.slow
+def test_the_rm_is_deeper_than_sft_and_trains_on_the_sft_policys_ranked_samples(tiny_run):
+    cfg, results = tiny_run
+    final = StageDir(cfg.output_dir, "rm").final
+    assert cfg.rm.added_layers > 0 and cfg.data.synthetic.policy_comparisons > 0
+    assert ScalarModel.from_pretrained(final).config.n_layer == cfg.model.tiny.n_layer + cfg.rm.added_layers
+    tok = load_tokenizer(final)
+    ranked = load_records(rm.policy_rankings_file(cfg), "comparisons")
+    made_up = stage_data.load(cfg, "comparisons", "train", tok)
+    assert 0 < len(ranked) <= cfg.data.synthetic.policy_comparisons
+    assert results["rm"]["train_prompts"] == len(made_up) + len(ranked)
+    # The SFT model's own T=1 samples: drawn again from it, the same rankings come back.
+    sft = load_policy(StageDir(cfg.output_dir, "sft").final).eval()
+    again = stage_data.synthetic_suite(cfg).comparisons(
+        "train", cfg.data.synthetic.policy_comparisons, cfg.data.synthetic.k_min, cfg.data.synthetic.k_max,
+        sampler=text_sampler(sft, tok, max_new_tokens=cfg.model.max_response_tokens,
+                             seed=derive_seed(cfg.run.seed, "policy comparisons")))
+    assert again == ranked

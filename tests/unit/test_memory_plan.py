@@ -67,6 +67,12 @@ def test_a_preset_names_models_the_plan_knows():
     assert model_shape(load_config("tiny"), "policy").params() == 544_256  # 0.54M, configs/small.yaml says
 
 
+def test_the_plan_counts_the_blocks_the_rm_stage_adds():
+    cfg = load_config("tiny", ["rm.added_layers=3", "model.tiny.n_layer=2"])
+    assert model_shape(cfg, "policy").layers == 2 and model_shape(cfg, "reward").layers == 5
+    assert model_shape(load_config("tiny", ["rm.added_layers=0", "model.tiny.n_layer=2"]), "reward").layers == 2
+
+
 @pytest.mark.parametrize("activation", ["gelu_new", "relu"])
 def test_layer_activations_are_what_autograd_saves_for_a_gpt2_block(activation):
     """Saved tensors of one block (unique storages, parameters excluded), on rows x seq."""
