@@ -6,6 +6,7 @@ import importlib
 import logging
 import sys
 
+from orchestration.serve.auth import check_servable
 from rlhf.config import ConfigError, check_trainable, format_problems, load_config
 
 # name -> (module with run(cfg, resume=...), one-line description). Order = pipeline order.
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    refused = format_problems(cfg, check_trainable(cfg)) if ns.command in TRAINING_COMMANDS else ""
+    checks = {**dict.fromkeys(TRAINING_COMMANDS, check_trainable), "serve": check_servable}.get(ns.command)
+    refused = format_problems(cfg, checks(cfg)) if checks else ""
     if ns.dry_run:
         from orchestration.plan import describe_plan
         print(describe_plan(cfg, ns.command))

@@ -128,7 +128,7 @@ def wandb_run(stage_dir: StageDir, cfg):
     return wandb.init(project=cfg.run.wandb_project, mode=cfg.run.wandb, dir=str(run_dir),
                       group=run_dir.name, name=f"{run_dir.name}/{stage_dir.path.name}",
                       id=f"{run_dir.name}-{stage_dir.path.name}-{digest}", resume="allow",
-                      config=cfg.model_dump(mode="json"), reinit="create_new")
+                      config=cfg.dump_without_secrets(), reinit="create_new")
 
 
 def read_metrics(path: str | Path) -> list[dict]:

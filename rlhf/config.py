@@ -250,7 +250,9 @@ class ResourcesConfig(_Section):
 class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    api_key: str | None = None  # or env INSTRUCTRAY_API_KEY
+    api_key: str | None = None  # or env INSTRUCTRAY_API_KEY; never written to the run folder
+    # Listen beyond loopback with no API key: refused unless this says it is meant.
+    allow_unauthenticated: bool = False
     num_replicas: int = Field(1, ge=1)
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
@@ -306,7 +308,13 @@ class Config(_Section):
         return self.ppo.episodes // self.ppo.batch_size
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.dump_without_secrets(), sort_keys=False)
+
+    def dump_without_secrets(self) -> dict:
+        """The config as plain data for files and trackers: the API key stays in memory only."""
+        out = self.model_dump(mode="json")
+        out["serve"]["api_key"] = None
+        return out
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -11,7 +11,6 @@ Binds serve.host (127.0.0.1 by default). The HF engine runs on the CPU; `vllm_ap
 # on the route methods (Serve's class-based view does not resolve string annotations).
 import hmac
 import logging
-import os
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -27,10 +26,10 @@ from orchestration.rundir import COMPLETE
 from orchestration.serve import protocol as P
 from orchestration.serve.engine import BatchedEngine, Row, ServeEngine
 from orchestration.serve.logprob_format import chat_logprobs, completion_logprobs
+from orchestration.serve.auth import serving_key
 from rlhf.config import Config, ServeConfig
 
 log = logging.getLogger(__name__)
-API_KEY_ENV = "INSTRUCTRAY_API_KEY"
 
 api = FastAPI(title="instructray", docs_url=None, redoc_url=None)
 
@@ -262,7 +261,7 @@ def build_app(checkpoint: str | Path, serve_cfg: ServeConfig, model_name: str | 
               num_cpus: float = 1.0, dtype: str = "float32"):
     """The Serve application (HF engine); `serve.run` it. The key is resolved here, driver-side."""
     checkpoint = Path(checkpoint).resolve()
-    api_key = serve_cfg.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = serving_key(serve_cfg)
     return OpenAIServer.options(
         num_replicas=serve_cfg.num_replicas,
         ray_actor_options={"num_cpus": num_cpus},

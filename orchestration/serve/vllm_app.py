@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from orchestration.serve.auth import serving_key
 from rlhf.config import Config
 
 
@@ -37,9 +38,7 @@ def llm_config_kwargs(checkpoint: Path, cfg: Config, model_name: str) -> dict:
 
 def build_vllm_app(checkpoint: Path, cfg: Config, model_name: str):
     """The ray.serve.llm OpenAI application for `checkpoint`."""
-    import os
-
-    if cfg.serve.api_key or os.environ.get("INSTRUCTRAY_API_KEY"):
+    if serving_key(cfg.serve):
         raise RuntimeError("serve.api_key is set but ray.serve.llm does not check API keys; "
                            "unset it (and front the endpoint yourself) or run.device=cpu")
     from ray.serve.llm import LLMConfig, build_openai_app
