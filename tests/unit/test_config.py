@@ -82,8 +82,8 @@ def test_preset_comments_are_one_line_each(preset):
 
 
 def test_overrides_apply_with_yaml_types():
-    cfg = load_config("tiny", ["ppo.kl_coef=0.05", "ppo.compare_ptx=false", "run.seed=3"])
-    assert cfg.ppo.kl_coef == 0.05 and cfg.ppo.compare_ptx is False and cfg.run.seed == 3
+    cfg = load_config("tiny", ["ppo.kl_coef=0.03", "ppo.compare_ptx=false", "run.seed=3"])
+    assert cfg.ppo.kl_coef == 0.03 and cfg.ppo.compare_ptx is False and cfg.run.seed == 3
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
 
 
