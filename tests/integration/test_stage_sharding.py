@@ -47,9 +47,10 @@ MICRO_WEIGHT_ATOL = 2e-5
 # final LayerNorm's bias (which shifts every score alike) is 0 up to rounding, and Adam
 # blows that rounding noise up to steps of ~lr: a parameter no summation order can pin.
 RM_NOISE_ONLY = ("transformer.ln_f.bias",)
+# No rankings of SFT samples: rm.main makes them, and these runs call the train loops directly.
 BASE = ["pretrain.enabled=false", "model.tiny.n_layer=2", "data.synthetic.num_demonstrations=96",
         "sft.epochs=1", "sft.select_by_rm=false", "sft.resid_pdrop=0.0", "sft.num_workers=2",
-        "rm.epochs=1", "rm.num_workers=2"]
+        "rm.epochs=1", "rm.num_workers=2", "data.synthetic.policy_comparisons=0"]
 # name: (stage, overrides, checkpoint_every)
 RUNS = {
     "sft_ddp": ("sft", [], None),
