@@ -7,7 +7,7 @@ of the preset's shape (bench.common.build_models, EOS made unreachable so every
 response is exactly max_response_tokens long on both sides), the same prompts
 and ptx blocks in the same order, then
 - ours: `PPOTrainer.step` on a local `ray.init(num_cpus=2)` (the preset's
-  generators and learners, one thread per actor), after one warm-up iteration;
+  generators and learners, threads as `rlhf.placement` gives them), after one warm-up iteration;
   ptx seconds = learn - learn of one extra iteration with the ptx term off;
 - plain: bench/plain_loop.py (HF generate, sequential scoring, one process,
   torch's default threads), after one warm-up iteration.
