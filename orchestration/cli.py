@@ -24,6 +24,8 @@ COMMANDS = {
 }
 # Commands that train, so refuse what training does not implement (rlhf.config.check_trainable).
 TRAINING_COMMANDS = ("run", "pretrain", "sft", "rm", "ppo")
+# What each command refuses before it starts; the others start on any valid config.
+CHECKS = {**dict.fromkeys(TRAINING_COMMANDS, check_trainable), "serve": check_servable}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    checks = {**dict.fromkeys(TRAINING_COMMANDS, check_trainable), "serve": check_servable}.get(ns.command)
+    checks = CHECKS.get(ns.command)
     refused = format_problems(cfg, checks(cfg)) if checks else ""
     if ns.dry_run:
         from orchestration.plan import describe_plan

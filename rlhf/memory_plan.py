@@ -10,8 +10,8 @@ The arithmetic is explained in docs/memory_plan.md.
 """
 from __future__ import annotations
 
-import json
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -24,9 +24,9 @@ from starlette.exceptions import HTTPException
 
 from orchestration.rundir import COMPLETE
 from orchestration.serve import protocol as P
+from orchestration.serve.auth import serving_key
 from orchestration.serve.engine import BatchedEngine, Row, ServeEngine
 from orchestration.serve.logprob_format import chat_logprobs, completion_logprobs
-from orchestration.serve.auth import serving_key
 from rlhf.config import Config, ServeConfig
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
 """Stage 2: the reward model on K-way rankings.
 
 Initialised from the SFT model (or `model.reward`) with its unembedding
-replaced by a scalar head, and `rm.added_layers` identity blocks on top. A batch is `rm.batch_size` prompts, each with all
-its K completions: one score per completion, all C(K, 2) pairs of a prompt
-scored from them (`rlhf.losses.rm_ranking_loss`). A prompt and its K
+replaced by a scalar head, and `rm.added_layers` identity blocks on top
+(`rlhf.deepen`). A batch is `rm.batch_size` prompts, each with all its K
+completions: one score per completion, all C(K, 2) pairs of a prompt scored from them (`rlhf.losses.rm_ranking_loss`). A prompt and its K
 completions are one packed row (`rlhf.collate.collate_rankings`): the same
 scores as K forward passes, with the prompt computed once. One epoch, cosine to
 10%. Validation: pairwise accuracy on held-out rankings (the labelers' noisy
@@ -24,10 +24,10 @@ from orchestration.stages import checkpointing, harness, training
 from rlhf.collate import RankingBatch, TokenLimits, collate_encoded, collate_rankings, encode_comparisons, \
     encode_demonstrations
 from rlhf.config import Config
+from rlhf.data import load_records, write_jsonl
 from rlhf.deepen import add_layers
 from rlhf.losses import rm_bias, rm_ranking_loss
 from rlhf.masked import global_share
-from rlhf.data import load_records, write_jsonl
 from rlhf.models import ScalarModel, load_policy, load_tokenizer
 from rlhf.sampling import text_sampler
 from rlhf.seeds import derive_seed

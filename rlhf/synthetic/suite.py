@@ -125,9 +125,11 @@ class SyntheticSuite:
         if not 0.0 <= run_on_prob <= 1.0 - OFF_TOPIC_PROB:
             raise ValueError(f"run_on_prob must be in [0, {1.0 - OFF_TOPIC_PROB}], got {run_on_prob}")
         # Policy samples get prompts, K and labeler draws of their own: rankings of both kinds can be mixed.
-        purpose = "comparisons" if sampler is None else "policy-comparisons"
-        tasks = self._tasks(purpose, split, n)
-        rng = self._rng(f"{purpose}-candidates" if sampler else "comparison-candidates", split)
+        tasks_of, candidates_of, labeler_of = (("comparisons", "comparison-candidates", "labeler") if sampler is None
+                                               else ("policy-comparisons", "policy-comparisons-candidates",
+                                                     "policy-labeler"))
+        tasks = self._tasks(tasks_of, split, n)
+        rng = self._rng(candidates_of, split)
         ks = [rng.randint(k_min, k_max) for _ in tasks]
         if sampler is None:
             groups = [self._candidates(t, k, rng, run_on_prob) for t, k in zip(tasks, ks)]
@@ -138,7 +140,7 @@ class SyntheticSuite:
                 raise ValueError(f"sampler returned {len(out)} responses for {len(flat)} prompts")
             ends = list(itertools.accumulate(ks))
             groups = [out[e - k:e] for e, k in zip(ends, ks)]
-        labeler_rng = self._rng("labeler" if sampler is None else "policy-labeler", split)
+        labeler_rng = self._rng(labeler_of, split)
         out_records = []
         for task, group in zip(tasks, groups):
             group = [r for r in group if r.strip()]

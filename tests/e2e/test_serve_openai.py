@@ -380,6 +380,7 @@ def test_request_logs_never_hold_a_key(endpoint):
         endpoint.client(api_key=wrong).completions.create(model=endpoint.model, prompt="a", max_tokens=2)
     time.sleep(2)  # Serve's access lines reach their files
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
-    texts = [p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file() and p.suffix in {".log", ".out", ".err"}]
+    texts = [p.read_text(errors="replace") for p in logs.rglob("*")
+             if p.is_file() and p.suffix in {".log", ".out", ".err"}]
     assert any("/v1/completions" in t for t in texts)  # the requests were logged, just not their keys
     assert not [t for t in texts if endpoint.api_key in t or wrong in t]
