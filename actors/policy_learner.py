@@ -12,7 +12,8 @@ old logprobs are recomputed here.
 Versions: the learner starts at 0 (the weights at `policy_path`, which the
 generators also load) and `end_iteration` bumps it after an iteration's steps.
 A minibatch sampled with another version is refused (StaleRolloutError): PPO here
-is on-policy, one version per iteration.
+is on-policy, one version per iteration; with `ppo.async_rollouts` a minibatch may be
+up to `ppo.max_staleness` versions old (and carries its behaviour weights), no more.
 """
 from __future__ import annotations
 
@@ -81,9 +82,10 @@ class PolicyLearner(Learner):
         if expected is not None and expected != self.version:
             raise StaleRolloutError(f"driver expects learner version {expected}, "
                                     f"learner {self.rank} is at {self.version}")
-        if sampled != self.version:
+        bound = self.ppo.max_staleness if self.ppo.async_rollouts else 0
+        if not 0 <= self.version - sampled <= bound:
             raise StaleRolloutError(f"minibatch sampled with weight version {sampled}, learner "
-                                    f"{self.rank} is at {self.version}")
+                                    f"{self.rank} is at {self.version} (at most {bound} versions behind)")
 
     def train_minibatch(self, exp_shard: Experience, ptx_shard: LMBatch | None = None,
                         ptx_coef: float | None = None, version: int | None = None) -> dict[str, float]:
@@ -115,7 +117,7 @@ class PolicyLearner(Learner):
                 logp, ent = token_logprobs(self.model, part.input_ids, part.attention_mask, with_entropy=True,
                                            temperature=self.ppo.temperature)
             loss, stats = policy_loss(logp, part.old_logprobs, part.advantages, part.action_mask,
-                                      clip=self.ppo.clip_ratio)
+                                      clip=self.ppo.clip_ratio, weights=part.behaviour_weights)
             w = masked_count(part.action_mask) / n_ppo if n_ppo else 1.0 / pieces
             self.backward(loss * ppo_share * w)  # share 1.0 and w 1.0 (exact) on one rank, one piece
             stats.update(loss=float(loss.detach()), entropy=float(masked_mean(ent.detach(), part.action_mask)))

@@ -38,6 +38,10 @@ class TensorBatch:
     def _rows(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    def as_dict(self) -> dict:
+        """Every field by name (plain types and tensors: a checkpoint loads it weights-only)."""
+        return self._rows()
+
     def select(self: B, index: torch.Tensor | slice | Sequence[int]) -> B:
         """Rows by slice or index list/tensor, for every per-row field."""
         out = {}

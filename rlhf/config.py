@@ -220,7 +220,13 @@ class PPOConfig(_Section):
     # minibatch; its ptx rows split alike); None = the rank's whole share of the minibatch.
     micro_batch_size: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(10, ge=1)
-    async_rollouts: bool = False  # not implemented: true is refused for training (check_trainable)
+    # Sample the next batch while the learners train on this one (off by default: the paper is
+    # synchronous). The learners then train on rollouts up to max_staleness weight versions old
+    # (that many batches in flight), corrected by the decoupled PPO objective (rlhf/off_policy.py)
+    # whose behaviour weights pi_proximal / pi_behaviour are truncated at behaviour_weight_cap.
+    async_rollouts: bool = False
+    max_staleness: int = Field(1, ge=1)
+    behaviour_weight_cap: float = Field(2.0, ge=1)
     max_restarts: int = Field(3, ge=0)
     max_nonfinite_steps: int = Field(3, ge=1)
     # Bound on prompt+response tokens per generation call (out-of-memory guard).
@@ -484,6 +490,9 @@ def check_geometry(cfg: Config, check_files: bool = True) -> list[tuple[str, str
         p.append(("data.public_root", "only read when data.source is public"))
     if cfg.eval.truthfulqa_limit is not None and not cfg.eval.truthfulqa:
         p.append(("eval.truthfulqa_limit", "only read with eval.truthfulqa (the TruthfulQA CSV)"))
+    for field in ("max_staleness", "behaviour_weight_cap"):
+        if not cfg.ppo.async_rollouts and getattr(cfg.ppo, field) != PPOConfig.model_fields[field].default:
+            p.append((f"ppo.{field}", "only read with ppo.async_rollouts: true"))
     if cfg.run.wandb == "off" and cfg.run.wandb_project != RunConfig().wandb_project:
         p.append(("run.wandb_project", "only read when run.wandb is offline or online"))
     if check_files and cfg.run.wandb != "off" and importlib.util.find_spec("wandb") is None:
@@ -506,9 +515,12 @@ def check_trainable(cfg: Config) -> list[tuple[str, str]]:
     if cfg.resources.colocate:
         from rlhf.placement import colocation_problems  # placement reads Config: imported late
         p += colocation_problems(cfg)
-    if cfg.ppo.async_rollouts:
-        p.append(("ppo.async_rollouts", "not implemented: every iteration samples with the newest "
-                  "weights; set it false"))
+    if cfg.ppo.async_rollouts and cfg.resources.colocate:
+        p.append(("ppo.async_rollouts", "not implemented with resources.colocate: colocated generators "
+                  "free their memory while the learners train, so they cannot sample ahead"))
+    if cfg.ppo.async_rollouts and cfg.ppo.engine == "vllm":
+        p.append(("ppo.async_rollouts", "not implemented with engine vllm: its NCCL weight broadcast "
+                  "needs idle generators, and sampling ahead keeps them busy; use engine hf"))
     if cfg.resources.num_gpus:  # load already checked there are enough GPUs; do their bytes fit?
         from rlhf.memory_plan import check_memory  # reads Config: imported late
         p += check_memory(cfg)  # each role's bytes per GPU against resources.gpu_memory_gb (--dry-run)

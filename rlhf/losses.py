@@ -124,9 +124,13 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 def policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip: float = 0.2
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip: float = 0.2,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO clipped surrogate, masked mean over valid tokens.
+
+    `weights` (asynchronous rollouts only): each token's term times its behaviour weight,
+    the decoupled objective of rlhf/off_policy.py; None, as the paper's synchronous PPO.
 
     stats:
       clipfrac   fraction of valid tokens where the clipped branch is the max
@@ -142,7 +146,8 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = masked_mean(per_token if weights is None else weights.detach() * per_token, mask)
 
     with torch.no_grad():
         stats = {

@@ -71,6 +71,7 @@ class FaultHandler:
         self.max_restarts = max_restarts
         self.restarters = restarters
         self.counts: Counter[str] = Counter()
+        self.incarnation: Counter[tuple[str, int]] = Counter()  # (role, index) -> restarts so far
         self.events: list[dict] = []  # one per restart: iteration, phase, role, index, error
         self.where: tuple[int, str] = (0, "start")  # (iteration, phase) now running
         self._since_progress = 0
@@ -101,16 +102,19 @@ class FaultHandler:
             self.spend(lost)
             try:
                 restart(lost.index)
+                self.incarnation[(lost.role, lost.index)] += 1
                 return
             except ActorLost as again:  # lost while restarting: the same role again, or another
                 if again.role != lost.role:
                     raise
                 lost = again
 
-    def retrying(self, call: Callable[[], Any]) -> Any:
+    def retrying(self, call: Callable[[], Any], replaced: Callable[[ActorLost], bool] = lambda lost: False) -> Any:
         """call() until it returns; a lost role with a restarter is restarted in between.
 
-        A lost role without one (the learner) propagates to the caller.
+        A lost role without one (the learner) propagates to the caller. `replaced(lost)`:
+        the actor that died was already restarted (another call found it dead first), so
+        the call is only made again.
         """
         while True:
             try:
@@ -119,7 +123,8 @@ class FaultHandler:
                 restart = self.restarters.get(lost.role)
                 if restart is None:
                     raise
-                self.recover(lost, restart)
+                if not replaced(lost):
+                    self.recover(lost, restart)
 
     def submit(self, role: str, submit: Callable[[], list[ray.ObjectRef]],
                indices: Sequence[int] | None = None) -> "Pending":
@@ -136,13 +141,21 @@ class Pending:
     def __init__(self, faults: FaultHandler, role: str, submit: Callable[[], list[ray.ObjectRef]],
                  indices: Sequence[int] | None = None):
         self.faults, self.role, self._submit, self.indices = faults, role, submit, indices
-        self._refs: list[ray.ObjectRef] | None = submit()
+        self._refs: list[ray.ObjectRef] | None = self._start()
+
+    def _start(self) -> list[ray.ObjectRef]:
+        self._incarnation = self.faults.incarnation.copy()  # which actors the refs went to
+        return self._submit()
 
     def get(self) -> list:
         def attempt() -> list:
             refs, self._refs = self._refs, None
-            return gather(refs if refs is not None else self._submit(), self.role, self.indices)
-        return self.faults.retrying(attempt)
+            return gather(refs if refs is not None else self._start(), self.role, self.indices)
+
+        def replaced(lost: ActorLost) -> bool:  # several calls in flight on one actor (async rollouts)
+            key = (lost.role, lost.index)
+            return self.faults.incarnation[key] > self._incarnation[key]
+        return self.faults.retrying(attempt, replaced)
 
 
 class CallLog:

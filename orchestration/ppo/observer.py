@@ -24,6 +24,7 @@ class Observer:
         self.probe_seed = derive_seed(seed, "probe")
         self.timer = PhaseTimer()
         self._extra: dict = {}
+        self._probe = None  # the held-out probe in flight
 
     @property
     def where(self) -> tuple[int, str]:
@@ -43,12 +44,22 @@ class Observer:
             sizes = [rows * positions for rows, positions in self.team.generators.passes]
             self._extra |= {"generation_passes": len(sizes), "generation_peak_tokens": max(sizes, default=0)}
 
-    def probe(self, k: int) -> None:
-        """Gold score of v_k on the held-out prompts (measurement only)."""
+    def probe(self, k: int, install=None) -> None:
+        """Gold score of v_k on the held-out prompts (measurement only). With `install`
+        (asynchronous rollouts: v_k as published), queued behind the generators' work with
+        those weights installed first, and collected by `record`."""
         if self.probe_prompts and self.gold_scorer is not None:
+            self.at(k, "probe")
+            self._probe = self.team.generators.submit(self.probe_prompts, seed=self.probe_seed, install=install)
+            if install is None:
+                self._collect_probe(k)
+
+    def _collect_probe(self, k: int) -> None:
+        if self._probe is not None:
             with self.phase(k, "probe"):
-                rollout = self.team.generators.sample(self.probe_prompts, seed=self.probe_seed)
+                rollout, _ = self._probe.result()
                 self._extra["heldout_gold_score"] = self.gold(rollout)
+            self._probe = None
 
     def gold(self, rollout: Rollout) -> float:
         scores = [self.gold_scorer(prompt, self.tok.decode(ids[act.bool()].tolist()))
@@ -57,6 +68,7 @@ class Observer:
 
     def record(self, k: int, rollout: Rollout, stats: dict) -> dict:
         """The iteration's metrics row: training stats plus what was measured beside them."""
+        self._collect_probe(k)
         if self.gold_scorer is not None:
             stats["gold_score"] = self.gold(rollout)
         stats |= self._extra | self.team.last_sync | self.team.faults.metrics()

@@ -29,12 +29,17 @@ from rlhf.experience import Experience, Rollout
 
 
 class Call:
-    """Work in flight on one role; `result()` waits (retrying after a restart) and finishes it."""
+    """Work in flight on one role; `result()` waits (retrying after a restart) and finishes it.
 
-    def __init__(self, pending: Pending, finish: Callable[[list], Any] = lambda values: values):
+    `pending` may be a list (one per actor, each retried alone): finish then gets their values.
+    """
+
+    def __init__(self, pending: Pending | list[Pending], finish: Callable[[list], Any] = lambda values: values):
         self._pending, self._finish = pending, finish
 
     def result(self) -> Any:
+        if isinstance(self._pending, list):
+            return self._finish([p.get() for p in self._pending])
         return self._finish(self._pending.get())
 
 
@@ -65,16 +70,31 @@ class Generators:
     def sample(self, prompts: list[str], seed: int) -> Rollout:
         """A lost generator is restarted, re-synced and its shard retried with the same seed,
         so the batch is the one it would have produced."""
+        return self.submit(prompts, seed).result()[0]
+
+    def submit(self, prompts: list[str], seed: int, install: ray.ObjectRef | None = None) -> Call:
+        """`sample` in flight; its result is (rollout, the checksums `install` left on the generators).
+
+        `install` (a learner's published weights): each generator loads them just before it
+        samples, behind whatever it is still doing, so the driver need not wait for idle
+        generators (asynchronous rollouts). A retried shard loads them again (`rewind`: they
+        may be older than what a restart gave it), so it is sampled with the same weights.
+        """
         ids = [self.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         shards = split_evenly(list(zip(ids, prompts)), len(self.actors))
 
         def submit(i: int) -> list[ray.ObjectRef]:
             ids_i, texts_i = [s[0] for s in shards[i]], [s[1] for s in shards[i]]
-            return [self.actors[i].sample.remote(ids_i, texts_i, *self.sampling, seed + i)]
-        calls = [self.faults.submit(self.role, partial(submit, i), [i]) for i, s in enumerate(shards) if s]
-        parts = [call.get()[0] for call in calls]
-        self.passes = [p for _, passes in parts for p in passes]
-        return Rollout.concat([rollout for rollout, _ in parts])
+            loads = [] if install is None else [self.actors[i].install_published.remote(install, rewind=True)]
+            return loads + [self.actors[i].sample.remote(ids_i, texts_i, *self.sampling, seed + i)]
+        refs_per_shard = 1 if install is None else 2
+        which = [i for i, s in enumerate(shards) if s]
+        calls = [self.faults.submit(self.role, partial(submit, i), [i] * refs_per_shard) for i in which]
+
+        def finish(parts: list[list]) -> tuple[Rollout, list[str]]:
+            self.passes = [p for part in parts for p in part[-1][1]]
+            return Rollout.concat([part[-1][0] for part in parts]), [part[0] for part in parts if install]
+        return Call(calls, finish)
 
     def sleep(self, level: int = 1) -> None:
         """Every engine frees its GPU memory (level 1: weights to CPU, KV cache dropped)."""

@@ -131,6 +131,11 @@ class ActorTeam:
         self.last_sync = self.faults.retrying(lambda: self._weight_sync.sync(rewind=rewind))
         return self.last_sync
 
+    def publish(self):
+        """The learners' weights published for generators to install later (asynchronous
+        rollouts, object-store transport only: config refuses them with vLLM)."""
+        return self._weight_sync.publish()
+
     def _restart_generator(self, i: int) -> None:
         self.generators.restart(i)
         self._weight_sync.reconnect(self.generators.actors[i])

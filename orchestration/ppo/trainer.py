@@ -11,6 +11,11 @@
             critic:  clipped value loss step
         broadcast v_{k+1} to every generator; checksums compared
 
+With `ppo.async_rollouts` the rollout of iteration k was sampled ahead, with weights up to
+`ppo.max_staleness` versions old, while the learners trained on earlier batches
+(orchestration/ppo/ahead.py); the policy loss then weighs each token by
+min(pi_old / pi_sampler, cap), the decoupled PPO objective (rlhf/off_policy.py).
+
 Who does the work, and what happens when an actor dies, is the team's business
 (orchestration/ppo/team.py); measurement is the observer's (observer.py).
 Checkpoints hold everything a resumed run needs to repeat the uninterrupted one
@@ -27,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from orchestration.ppo import checkpoints
+from orchestration.ppo.ahead import EMPTY, RolloutsAhead
 from orchestration.ppo.faults import ActorLost, NonFiniteGuard
 from orchestration.ppo.observer import Observer
 from orchestration.ppo.streams import BlockStream, Stream
@@ -59,8 +65,12 @@ class PPOTrainer:
         self.ptx = BlockStream(inputs.ptx_blocks, seed=derive_seed(self.seed, "ptx"))
         self.iteration = 0
         self.nonfinite = NonFiniteGuard(self.p.max_nonfinite_steps)
+        self.ahead: RolloutsAhead | None = None
         self._initial_state = self._driver_state()
         self.team = ActorTeam(cfg, stage, str(inputs.policy), str(inputs.reward_model), inputs.tokenizer)
+        if self.p.async_rollouts:  # batches sampled while the learners train (orchestration/ppo/ahead.py)
+            self.ahead = RolloutsAhead(self.team, lambda: self.prompts.take(self.p.batch_size), self.seed,
+                                       self.p.max_staleness, cfg.ppo_iterations)
         self.observer = Observer(self.team, inputs.tokenizer, self.seed, self.p.batch_size,
                                  inputs.gold_scorer, inputs.probe_prompts)
 
@@ -68,29 +78,42 @@ class PPOTrainer:
     def step(self, k: int) -> dict:
         """One PPO-ptx iteration; returns its metrics row."""
         team, watch = self.team, self.observer
-        with watch.phase(k, "generate"):
-            rollout = team.generators.sample(self.prompts.take(self.p.batch_size),
-                                             seed=derive_seed(self.seed, "rollout", k))
-        watch.probe(k)
+        with watch.phase(k, "generate"):  # async: only the wait for a batch sampled while learning
+            rollout = self._rollout(k)
+        watch.probe(k, install=self.ahead.published.ref if self.ahead is not None else None)
         team.generators.sleep()  # colocated: their GPU memory is the learners' until the sync
         with watch.phase(k, "score"):
-            exp, stats = self.score(rollout)
+            exp, stats = self.score(rollout, k)
         with watch.phase(k, "learn"):
             stats |= self.learn(exp, k)
-        with watch.phase(k, "sync"):
-            team.generators.wake(["weights"])  # no KV cache beside the incoming weights
-            team.sync()
-            team.generators.wake()
+        if self.ahead is None:
+            with watch.phase(k, "sync"):
+                team.generators.wake(["weights"])  # no KV cache beside the incoming weights
+                team.sync()
+                team.generators.wake()
         return watch.record(k, rollout, stats)
 
-    def score(self, rollout: Rollout) -> tuple[Experience, dict]:
+    def _rollout(self, k: int) -> Rollout:
+        """Sampled now with v_k, or (async) taken from the batches sampled ahead, the next
+        ones launched with v_k before the learners start on this one."""
+        if self.ahead is None:
+            return self.team.generators.sample(self.prompts.take(self.p.batch_size),
+                                               seed=derive_seed(self.seed, "rollout", k))
+        rollout, self.team.last_sync = self.ahead.take(k)
+        self.ahead.fill(k)
+        return rollout
+
+    def score(self, rollout: Rollout, k: int) -> tuple[Experience, dict]:
         """RM, reference, critic and learner forward passes, all in flight at once."""
         team = self.team
         rm, ref = team.reward(rollout), team.reference(rollout)
         old, values = team.learners.logprobs(rollout), team.critics.values(rollout)
         mask = rollout.action_mask.float()
-        return build_experience(rollout, old.result() * mask, ref.result() * mask, values.result(),
-                                rm.result(), self.p.kl_coef, self.p.gamma, self.p.lam)
+        staleness = k - rollout.weight_version  # the learners are at v_k
+        exp, stats = build_experience(rollout, old.result() * mask, ref.result() * mask, values.result(),
+                                      rm.result(), self.p.kl_coef, self.p.gamma, self.p.lam,
+                                      behaviour_weight_cap=self.p.behaviour_weight_cap if staleness else None)
+        return exp, stats | {"rollout_staleness": staleness}
 
     def learn(self, exp: Experience, k: int) -> dict:
         """ppo_epochs passes over shuffled minibatches; policy and critic step together."""
@@ -181,7 +204,8 @@ class PPOTrainer:
         log.info("resumed %s at iteration %d", self.stage.path.name, self.iteration)
 
     def _driver_state(self) -> dict:
-        return {"iteration": self.iteration, "prompts": self.prompts.state_dict(),
+        ahead = self.ahead.state_dict() if self.ahead is not None else EMPTY
+        return {"iteration": self.iteration, "ahead": ahead, "prompts": self.prompts.state_dict(),
                 "ptx": self.ptx.state_dict(), "torch_rng": torch.get_rng_state(),
                 "nonfinite_in_a_row": self.nonfinite.state_dict()}
 
@@ -190,6 +214,8 @@ class PPOTrainer:
         self.ptx.load_state_dict(state["ptx"])
         torch.set_rng_state(state["torch_rng"])
         self.nonfinite.load_state_dict(state.get("nonfinite_in_a_row", {}))
+        if self.ahead is not None:
+            self.ahead.load_state_dict(state.get("ahead", EMPTY))
         self.iteration = state["iteration"]
 
     def save_final(self) -> Path:

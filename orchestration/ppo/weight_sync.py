@@ -13,7 +13,8 @@ a checkpoint).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import ray
 
@@ -27,20 +28,38 @@ class ObjectStoreSync:
 
     def sync(self, only: Sequence[int] | None = None, rewind: bool = False) -> dict:
         # All submitted at once: the generators start when the learner has published, and
-        # the learner fingerprints its weights while they load theirs. The learner's
-        # results are gathered first, so a dead learner is not blamed on a generator.
-        # Every rank takes part (sharded, publishing and checksums gather the weights);
-        # rank 0 answers.
-        publishing = self.learners.call_all("publish_weights")
+        # the learner fingerprints its weights while they load theirs.
+        published = self.publish()
         which = list(range(len(self.generators))) if only is None else list(only)
-        loading = [self.generators[i].install_published.remote(publishing[0], rewind=rewind) for i in which]
-        checksums = self.learners.call_all("checksum")
-        (_, _, version), checksum = gather([publishing[0], checksums[0]], "learner")
-        gather(publishing[1:] + checksums[1:], "learner")
-        return _verified(checksum, gather(loading, "generator", which), version)
+        loading = [self.generators[i].install_published.remote(published.ref, rewind=rewind) for i in which]
+        return published.verify(lambda: gather(loading, "generator", which))
+
+    def publish(self) -> "Published":
+        """The learners' weights into the object store and their checksum, not waited for.
+        Every rank takes part (sharded, publishing and checksums gather the weights); rank 0
+        answers. The objects are the learner's: they live as long as it does."""
+        return Published(self.learners.call_all("publish_weights"), self.learners.call_all("checksum"))
 
     def reconnect(self, generator) -> None:
         """A restarted generator needs nothing special: the next sync reaches it."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """One version of the learners' weights in the object store, for generators to install."""
+    publishing: list  # per rank: rank 0's is (bucket refs, meta, version)
+    checksums: list
+
+    @property
+    def ref(self) -> ray.ObjectRef:
+        return self.publishing[0]
+
+    def verify(self, loaded: Callable[[], list[str]]) -> dict:
+        """The sync's metrics, once the generators' checksums (`loaded()`) match the learner's.
+        The learner's results are gathered first, so a dead learner is not blamed on a generator."""
+        (_, _, version), checksum = gather([self.publishing[0], self.checksums[0]], "learner")
+        gather(self.publishing[1:] + self.checksums[1:], "learner")
+        return _verified(checksum, loaded(), version)
 
 
 class VLLMSync:

@@ -144,41 +144,59 @@ def test_relative_paths_become_absolute_against_the_drivers_directory(tmp_path, 
     assert cfg.model.policy == "tiny"
 
 
-@pytest.mark.parametrize("override, field", [("ppo.async_rollouts=true", "ppo.async_rollouts = True")])
-def test_training_refuses_what_it_does_not_implement(tmp_path, override, field):
-    key, value = override.split("=")
-    section, name = key.split(".")
+# Asynchronous rollouts sample while the learners train; colocated generators sleep then.
+NOT_IMPLEMENTED = {"ppo": {"async_rollouts": "true"}, "resources": {"colocate": "true"}}
+FIELD = "ppo.async_rollouts = True"
+
+
+def _not_implemented_yaml() -> str:
+    return "".join(f"{section}:\n" + "".join(f"  {k}: {v}\n" for k, v in fields.items())
+                   for section, fields in NOT_IMPLEMENTED.items())
+
+
+def test_training_refuses_what_it_does_not_implement(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text(f"{section}:\n  {name}: {value}\n")
+    f.write_text(_not_implemented_yaml())
     cfg = load_config(f)  # loads: eval, serve and --dry-run still take it
     assert check_trainable(load_config("tiny")) == []
+    assert check_trainable(load_config("tiny", ["ppo.async_rollouts=true"])) == []  # alone it trains
     with pytest.raises(ConfigError) as e:
         require_trainable(cfg)
-    assert str(e.value).count("\n") == 0 and str(e.value).startswith(f"{f}: {field}: ")
-    with pytest.raises(ConfigError, match=rf"^command line: {re.escape(field)}: "):
-        require_trainable(load_config("tiny", [override]))
+    assert str(e.value).count("\n") == 0 and str(e.value).startswith(f"{f}: {FIELD}: ")
+    overrides = [f"{s}.{k}={v}" for s, fields in NOT_IMPLEMENTED.items() for k, v in fields.items()]
+    with pytest.raises(ConfigError, match=rf"^command line: {re.escape(FIELD)}: "):
+        require_trainable(load_config("tiny", overrides))
 
 
 def test_training_commands_refuse_and_dry_run_shows_the_refusal(tmp_path, capsys):
     f = tmp_path / "c.yaml"
-    f.write_text(f"run: {{output_dir: {tmp_path / 'run'}}}\nppo: {{async_rollouts: true}}\n")
+    f.write_text(f"run: {{output_dir: {tmp_path / 'run'}}}\n" + _not_implemented_yaml())
     for command in TRAINING_COMMANDS:
         assert cli.main([command, str(f)]) == 2
         err = capsys.readouterr().err
-        assert f"{f}: ppo.async_rollouts = True: not implemented" in err, command
+        assert f"{f}: {FIELD}: not implemented" in err, command
     assert not (tmp_path / "run").exists()  # refused before anything was written
     assert cli.main(["run", str(f), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "PPO batch geometry" in out and f"  {f}: ppo.async_rollouts = True: not implemented" in out
+    assert "PPO batch geometry" in out and f"  {f}: {FIELD}: not implemented" in out
     assert cli.main(["eval", str(f), "model.dtype=float16", "--dry-run"]) == 0
     assert "config error" not in capsys.readouterr().out  # eval does load models in model.dtype
 
 
 def test_the_pipeline_refuses_before_it_writes_anything(tmp_path):
-    cfg = load_config("tiny", [f"run.output_dir={tmp_path / 'run'}", "ppo.async_rollouts=true"])
-    with pytest.raises(ConfigError, match=r"^command line: ppo\.async_rollouts = True: not implemented"):
+    cfg = load_config("tiny", [f"run.output_dir={tmp_path / 'run'}", "ppo.async_rollouts=true",
+                               "resources.colocate=true"])
+    with pytest.raises(ConfigError, match=rf"^command line: {re.escape(FIELD)}: not implemented"):
         pipeline.main(cfg)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override", ["ppo.max_staleness=2", "ppo.behaviour_weight_cap=3"])
+def test_async_settings_without_async_rollouts_are_refused(override):
+    with pytest.raises(ConfigError, match=rf"{re.escape(override.split('=')[0])} = .*only read with "
+                                          r"ppo.async_rollouts: true"):
+        load_config("tiny", [override])
+    load_config("tiny", [override, "ppo.async_rollouts=true"])
 
 
 @pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=(

@@ -45,9 +45,6 @@ ALLOWED: dict[str, tuple[str, str, str]] = {
     "ppo_init_sft.select_by_rm": ("orchestration/stages/sft.py", r"\.select_by_rm\b",
                                   "getattr(cfg, section).select_by_rm, the section passed by "
                                   "orchestration/pipeline.py"),
-    # Not implemented: only its refusal reads it (check_trainable), so true is never ignored.
-    "ppo.async_rollouts": ("rlhf/config.py", r"cfg\.ppo\.async_rollouts\b",
-                           "refused for training by check_trainable"),
 }
 
 
