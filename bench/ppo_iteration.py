@@ -9,6 +9,8 @@ and ptx blocks in the same order, then
 - ours: `PPOTrainer.step` on a local `ray.init(num_cpus=2)` (the preset's
   generators and learners, threads as `rlhf.placement` gives them), after one warm-up iteration;
   ptx seconds = learn - learn of one extra iteration with the ptx term off;
+- ours async: the same with `ppo.async_rollouts` (rollout k+1 sampled while the learners
+  train on rollout k); seconds per phase are the driver's, so generate is only its wait;
 - plain: bench/plain_loop.py (HF generate, sequential scoring, one process,
   torch's default threads), after one warm-up iteration.
 Prints seconds per phase, episodes/s, tokens/s and the ratio; writes
@@ -39,7 +41,7 @@ QUICK = {"tiny": ["ppo.batch_size=32", "ppo.minibatch_size=4"],
 
 def summarise(system: str, preset: str, rows: list[dict], ptx_s: float) -> dict:
     """Means over the measured iterations."""
-    mean = lambda key: statistics.mean(r[key] for r in rows)  # noqa: E731
+    mean = lambda key: statistics.mean(r.get(key, 0.0) for r in rows)  # noqa: E731  (async: no sync)
     total = mean("seconds_total")
     out = {"preset": preset, "system": system, "iterations": len(rows), "episodes": rows[0]["episodes"],
            "tokens": rows[0]["tokens"], "s_per_iteration": total,
@@ -58,22 +60,23 @@ def run_ours(cfg, models, prompts: list[str], blocks: torch.Tensor, iterations: 
     start_local_ray(2)
     inputs = PPOInputs(policy=models.policy, reward_model=models.reward, tokenizer=models.tokenizer,
                        prompts=prompts, ptx_blocks=blocks)
-    trainer = PPOTrainer(cfg, StageDir(root, "ppo"), inputs, ptx_coef=cfg.ppo.ptx_coef)
+    system = "ours (Ray, async)" if cfg.ppo.async_rollouts else "ours (Ray)"
+    trainer = PPOTrainer(cfg, StageDir(root, f"ppo-{int(cfg.ppo.async_rollouts)}"), inputs, ptx_coef=cfg.ppo.ptx_coef)
     try:
         trainer.team.sync()  # v0 to every generator, as PPOTrainer.run does
         trainer.step(0)  # warm-up: actor start-up, first-touch allocations
         rows = []
         for k in range(1, iterations + 1):
             m = trainer.step(k)
-            total = sum(m[f"seconds_{p}"] for p in PHASES if p != "ptx")
+            total = sum(m.get(f"seconds_{p}", 0.0) for p in PHASES if p != "ptx")  # async: no sync phase
             rows.append(m | {"seconds_total": total, "episodes": cfg.ppo.batch_size,
                              "tokens": round(m["tokens_per_second"] * total)})
-            print(f"  ours {Path(cfg.source).stem} iteration {k}: " + ", ".join(
-                f"{p} {m[f'seconds_{p}']:.2f}s" for p in PHASES if p != "ptx"))
+            print(f"  {system} {Path(cfg.source).stem} iteration {k}: " + ", ".join(
+                f"{p} {m.get(f'seconds_{p}', 0.0):.2f}s" for p in PHASES if p != "ptx"))
         trainer.ptx_coef = 0.0  # one more iteration without the ptx term: what ptx costs
         no_ptx = trainer.step(iterations + 1)
         ptx_s = statistics.mean(r["seconds_learn"] for r in rows) - no_ptx["seconds_learn"]
-        return summarise("ours (Ray)", Path(cfg.source).stem, rows, ptx_s)
+        return summarise(system, Path(cfg.source).stem, rows, ptx_s)
     finally:
         trainer.shutdown()
         ray.shutdown()
@@ -107,15 +110,18 @@ def bench_preset(preset: str, overrides: list[str], iterations: int) -> list[dic
         print(f"{preset}: {models.params / 1e6:.1f}M parameters, batch {cfg.ppo.batch_size}, "
               f"{cfg.model.max_response_tokens} response tokens, {cfg.ppo.num_generators} generator(s), "
               f"{cfg.ppo.num_learners} learner(s); load {load_average()}")
+        # one-step off-policy: generators sample the next batch while the learners train
+        async_cfg = load_config(preset, [f"run.output_dir={tmp}", "resources.num_cpus=2", *overrides,
+                                         "ppo.async_rollouts=true"])
         rows = []
-        for run in ("ours", "plain"):
+        for run in ("ours", "ours async", "plain"):
             load = load_average()
-            row = (run_ours(cfg, models, prompts, blocks, iterations, Path(tmp)) if run == "ours"
-                   else run_plain(cfg, models, prompts, blocks, iterations))
+            row = (run_plain(cfg, models, prompts, blocks, iterations) if run == "plain" else
+                   run_ours(async_cfg if run == "ours async" else cfg, models, prompts, blocks, iterations, Path(tmp)))
             rows.append(row | {"params_M": models.params / 1e6, "load_before": load, "load_after": load_average()})
-        ours, plain = rows
-        ours["speedup"] = ours["episodes_per_s"] / plain["episodes_per_s"]
-        plain["speedup"] = 1.0
+        plain = rows[-1]
+        for row in rows:
+            row["speedup"] = row["episodes_per_s"] / plain["episodes_per_s"]
         return rows
 
 
