@@ -6,6 +6,7 @@ import importlib
 import logging
 import sys
 
+from orchestration.rundir import DiskFull
 from orchestration.serve.auth import check_servable
 from rlhf.config import ConfigError, check_trainable, format_problems, load_config
 
@@ -94,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[ns.command][0])
     kwargs = {"target": ns.target} if ns.command == "serve" else {"resume": ns.resume}
-    module.main(cfg, **kwargs)
+    try:
+        module.main(cfg, **kwargs)
+    except DiskFull as e:  # nothing to debug: the message says what happened and what to do
+        print(f"error: {e.strerror}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -10,6 +10,7 @@ crash mid-write never leaves a folder that looks complete.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -55,15 +56,43 @@ class StageDir:
         return self.final
 
 
+class DiskFull(OSError):
+    """A checkpoint or final model did not fit on its filesystem; what was there before is intact."""
+
+
+# How a full disk reads once it has crossed an actor boundary or torch's C++ writer.
+_DISK_FULL = ("No space left on device", "file write failed", "Disk quota exceeded")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    seen: BaseException | None = error
+    while seen is not None:
+        if getattr(seen, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(m in str(seen) for m in _DISK_FULL):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def atomic_write_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) fills a temporary folder; then COMPLETE is added and it is renamed to target."""
+    """write(tmp) fills a temporary folder; then COMPLETE is added and it is renamed to target.
+
+    A failed write removes its temporary folder; on a full disk it raises DiskFull naming
+    the path, the space left and what is still intact, so the run can go on with --resume
+    once there is room.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    (tmp / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        (tmp / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+        _fsync_dir(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # never loaded, and its space is what ran out
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise _disk_full(target) from e
+        raise
     if target.exists():
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         target.rename(old)
@@ -71,6 +100,16 @@ def atomic_write_dir(target: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(target)
+
+
+def _disk_full(target: Path) -> DiskFull:
+    usage = shutil.disk_usage(target.parent)
+    intact = [p for p in (target, *target.parent.glob("step_*")) if (p / COMPLETE).exists()]
+    kept = (f"the previous {', '.join(str(p) for p in sorted(set(intact)))} intact" if intact
+            else "nothing earlier was there to keep")
+    return DiskFull(errno.ENOSPC, f"no space left on the device writing {target} "
+                    f"({usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB); {kept}; "
+                    "free some space, then run the same command again with --resume")
 
 
 def _fsync_dir(path: Path) -> None:
