@@ -60,17 +60,23 @@ class DiskFull(OSError):
     """A checkpoint or final model did not fit on its filesystem; what was there before is intact."""
 
 
-# How a full disk reads once it has crossed an actor boundary or torch's C++ writer.
+# How a full disk reads once it has crossed an actor boundary; torch's C++ writer may
+# only say "iostream error" or "unexpected pos", hence the free-space check as well.
 _DISK_FULL = ("No space left on device", "file write failed", "Disk quota exceeded")
+NEARLY_FULL_BYTES = 2 ** 20
 
 
-def is_disk_full(error: BaseException) -> bool:
+def is_disk_full(error: BaseException, folder: Path) -> bool:
+    """Did `error`, raised writing into `folder`, come from a full filesystem?"""
     seen: BaseException | None = error
     while seen is not None:
         if getattr(seen, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(m in str(seen) for m in _DISK_FULL):
             return True
         seen = seen.__cause__ or seen.__context__
-    return False
+    try:
+        return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
 
 
 def atomic_write_dir(target: Path, write: Callable[[Path], None]) -> None:
@@ -89,8 +95,9 @@ def atomic_write_dir(target: Path, write: Callable[[Path], None]) -> None:
         (tmp / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
         _fsync_dir(tmp)
     except BaseException as e:
+        full = isinstance(e, Exception) and is_disk_full(e, target.parent)  # before its space comes back
         shutil.rmtree(tmp, ignore_errors=True)  # never loaded, and its space is what ran out
-        if isinstance(e, Exception) and is_disk_full(e):
+        if full:
             raise _disk_full(target) from e
         raise
     if target.exists():

@@ -264,6 +264,12 @@ class ServeConfig(_Section):
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_tokens_limit: int = Field(256, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    # Admission: a replica works on at most max_ongoing_requests at once (its decoding batches
+    # take max_batch_size of them); each HTTP proxy holds at most max_queued_requests more; the
+    # rest are answered 503 with `Retry-After: retry_after_s` at once, not queued without bound.
+    max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(32, ge=1)
+    retry_after_s: int = Field(1, ge=0)
 
 
 class EvalConfig(_Section):

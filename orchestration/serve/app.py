@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException
 
 from orchestration.rundir import COMPLETE
@@ -71,7 +72,7 @@ def _sse(events: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache"})
 
 
-@serve.deployment(name="instructray", max_ongoing_requests=64)
+@serve.deployment(name="instructray")  # admission limits: build_app, from ServeConfig
 @serve.ingress(api)
 class OpenAIServer:
     def __init__(self, checkpoint: str, model_name: str, serve_cfg: dict, api_key: str | None,
@@ -257,6 +258,13 @@ def model_name_for(checkpoint: Path) -> str:
     return checkpoint.name
 
 
+def admission(serve_cfg: ServeConfig) -> dict:
+    """Serve's deployment options that bound the work in flight and shed the excess."""
+    return dict(max_ongoing_requests=serve_cfg.max_ongoing_requests,
+                max_queued_requests=serve_cfg.max_queued_requests,
+                backpressure_config=BackpressureConfig(status_code=503, retry_after_s=serve_cfg.retry_after_s))
+
+
 def build_app(checkpoint: str | Path, serve_cfg: ServeConfig, model_name: str | None = None,
               num_cpus: float = 1.0, dtype: str = "float32"):
     """The Serve application (HF engine); `serve.run` it. The key is resolved here, driver-side."""
@@ -265,6 +273,7 @@ def build_app(checkpoint: str | Path, serve_cfg: ServeConfig, model_name: str | 
     return OpenAIServer.options(
         num_replicas=serve_cfg.num_replicas,
         ray_actor_options={"num_cpus": num_cpus},
+        **admission(serve_cfg),
     ).bind(str(checkpoint), model_name or model_name_for(checkpoint), serve_cfg.model_dump(),
            api_key, max(1, int(num_cpus)), dtype)
 

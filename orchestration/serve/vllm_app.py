@@ -44,4 +44,12 @@ def build_vllm_app(checkpoint: Path, cfg: Config, model_name: str):
     from ray.serve.llm import LLMConfig, build_openai_app
 
     llm_config = LLMConfig(**llm_config_kwargs(checkpoint, cfg, model_name))
-    return build_openai_app({"llm_configs": [llm_config]})
+    return build_openai_app(serving_args(llm_config, cfg))
+
+
+def serving_args(llm_config, cfg: Config) -> dict:
+    """`build_openai_app`'s arguments: the model, and the HTTP ingress's admission limits
+    (the deployment HTTP requests reach first, so it is where the excess is shed)."""
+    from orchestration.serve.app import admission
+
+    return {"llm_configs": [llm_config], "ingress_deployment_config": admission(cfg.serve)}

@@ -50,6 +50,15 @@ def test_build_openai_app_takes_serving_args(tmp_path):
     llm = pytest.importorskip("ray.serve.llm", exc_type=ImportError)
     assert list(inspect.signature(llm.build_openai_app).parameters) == ["llm_serving_args"]
     config = llm.LLMConfig(**vllm_app.llm_config_kwargs(tmp_path, load_config("tiny"), "m"))
-    # build_vllm_app passes {"llm_configs": [config]}; the args model must accept it.
-    args = llm.LLMServingArgs.model_validate({"llm_configs": [config]})
+    # build_vllm_app passes serving_args; the args model must accept it ...
+    cfg = load_config("tiny", ["serve.max_queued_requests=5", "serve.retry_after_s=3"])
+    args = llm.LLMServingArgs.model_validate(vllm_app.serving_args(config, cfg))
     assert args.llm_configs[0].model_loading_config.model_id == "m"
+    # ... and ray.serve.llm hands ingress_deployment_config to serve.deployment for the
+    # ingress (the deployment HTTP requests reach first), which must take our limits.
+    from ray import serve
+
+    ingress = serve.deployment(type("Ingress", (), {}), **args.ingress_deployment_config)
+    assert ingress._deployment_config.max_queued_requests == 5
+    assert ingress._deployment_config.max_ongoing_requests == cfg.serve.max_ongoing_requests
+    assert ingress._deployment_config.backpressure_config.retry_after_s == 3

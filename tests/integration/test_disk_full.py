@@ -84,7 +84,7 @@ def test_a_full_disk_stops_the_run_cleanly_and_resume_finishes_it(
     assert not stage.is_done()
 
     # 2. Room for that checkpoint, not for the final model.
-    ballast.fill(leave=checkpoint + final // 2 + MiB // 4)
+    ballast.fill(leave=checkpoint + final // 2)  # a few KiB of metrics and TensorBoard fit beside
     assert cli.main(["ppo", str(cfg_file), "--resume"]) == 3
     err = capsys.readouterr().err
     assert f"no space left on the device writing {stage.final}" in err, err
