@@ -51,7 +51,7 @@ def overloaded(endpoint):
 def _post(url: str) -> tuple[int, float, dict]:
     start = time.perf_counter()
     r = requests.post(url + "/v1/completions", json=BODY, timeout=120)
-    return r.status_code, time.perf_counter() - start, dict(r.headers) | {"json": r.json()}
+    return r.status_code, time.perf_counter() - start, {k.lower(): v for k, v in r.headers.items()} | {"body": r.text}
 
 
 def _replica_rss() -> int:
@@ -77,9 +77,12 @@ def test_the_excess_gets_503_with_retry_after_and_the_admitted_keep_their_latenc
         assert set(codes) <= {200, 503}, codes
         admitted = [t for code, t, _ in results if code == 200]
         shed = [(t, h) for code, t, h in results if code == 503]
+        print(f"\noverload: {len(admitted)} admitted (median {statistics.median(admitted):.2f} s, alone "
+              f"{statistics.median(alone):.2f} s), {len(shed)} shed (slowest {max(t for t, _ in shed):.2f} s); "
+              f"replica RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB")
         assert len(admitted) >= 4 and len(shed) >= CLIENTS // 2, (len(admitted), len(shed))
         assert all(h.get("retry-after") == "2" for _, h in shed)
-        assert all("error" in h["json"] or h["json"] for _, h in shed)
+        assert all(h["body"].strip() for _, h in shed)  # Serve's proxy says why, in plain text
         # shed at once, not after waiting its turn; the admitted wait at most a batch or two
         assert max(t for t, _ in shed) < 2.0
         assert statistics.median(admitted) < 4 * statistics.median(alone) + 0.5
