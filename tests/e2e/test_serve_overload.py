@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.e2e.conftest import _processes_naming
+from tests.e2e.conftest import _processes_naming, _wait_healthy
 
 CAPACITY = {"max_batch_size": 2, "max_ongoing_requests": 2, "max_queued_requests": 2, "retry_after_s": 2}
 CLIENTS = 40  # 10x what the replica and the proxy's queue take
@@ -34,14 +34,7 @@ def overloaded(endpoint):
     serve.run(build_app(endpoint.checkpoint, cfg, model_name="overload", num_cpus=0.5),
               name="instructray-overload", route_prefix="/overload", blocking=False)
     url = endpoint.url + "/overload"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(url + "/health", timeout=5).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
+    _wait_healthy(url)
     try:
         yield url
     finally:
