@@ -251,6 +251,21 @@ class ResourcesConfig(_Section):
     activation_checkpointing: bool = False
     # Memory of one GPU; loading and --dry-run refuse a layout whose plan (rlhf.memory_plan) exceeds it.
     gpu_memory_gb: float = Field(80.0, gt=0)
+    # Custom Ray resources each PPO actor of a role asks for, e.g. {generator: {rollout_node: 0.01}}
+    # to keep the generators on nodes started with `--resources '{"rollout_node": 1}'`. A lost
+    # actor waits, logging what it needs, until a node offering them is up again.
+    role_resources: dict[Literal["generator", "reward", "reference", "critic", "learner"],
+                         dict[str, float]] = Field(default_factory=dict)
+
+    @field_validator("role_resources")
+    @classmethod
+    def _custom_only(cls, v: dict) -> dict:
+        for role, res in v.items():
+            for name, amount in res.items():
+                if name in ("CPU", "GPU", "memory", "object_store_memory") or amount <= 0:
+                    raise ValueError(f"{role}: {name}={amount}: name custom resources with amounts > 0 "
+                                     "(CPU and GPU shares are the placement's)")
+        return v
 
 
 class ServeConfig(_Section):
@@ -524,6 +539,9 @@ def check_trainable(cfg: Config) -> list[tuple[str, str]]:
     if cfg.ppo.async_rollouts and cfg.resources.colocate:
         p.append(("ppo.async_rollouts", "not implemented with resources.colocate: colocated generators "
                   "free their memory while the learners train, so they cannot sample ahead"))
+    if cfg.resources.role_resources and cfg.resources.colocate:
+        p.append(("resources.role_resources", "not implemented with resources.colocate: colocated roles "
+                  "share one placement group's bundles, which ask for CPU and GPU only"))
     if cfg.ppo.async_rollouts and cfg.ppo.engine == "vllm":
         p.append(("ppo.async_rollouts", "not implemented with engine vllm: its NCCL weight broadcast "
                   "needs idle generators, and sampling ahead keeps them busy; use engine hf"))

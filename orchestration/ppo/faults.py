@@ -1,11 +1,12 @@
 """Surviving lost actors and non-finite steps: the mechanism the team's roles share.
 
 A lost actor is one whose process died (`ray.exceptions.RayActorError`: SIGKILL,
-OOM killer, node loss); `gather` turns that into `ActorLost` naming the role and
-index. `FaultHandler` restarts a lost role through its restarter and retries the
-work, counting restarts against `ppo.max_restarts` between two points of progress;
-what each role's restart restores is described in orchestration/ppo/team.py.
-Restart counts (`<role>_restarts` in the metrics) are cumulative over the driver.
+OOM killer, node loss) or whose result died with its node (`ObjectLostError`);
+`gather` turns that into `ActorLost` naming the role and index. `FaultHandler`
+restarts a lost role through its restarter and retries the work, counting restarts
+against `ppo.max_restarts` between two points of progress; what each role's restart
+restores is described in orchestration/ppo/team.py. Restart counts (`<role>_restarts`
+in the metrics) are cumulative over the driver.
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def gather(refs: Sequence[ray.ObjectRef], role: str, indices: Sequence[int] | No
         i = position[ready[0]]
         try:
             values[i] = ray.get(ready[0])
-        except ray.exceptions.RayActorError as e:
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
+            # a lost node takes its actors and the results they held in its object store
             raise ActorLost(role, indices[i] if indices else i, e) from e
         except Exception as e:  # noqa: BLE001 - re-raised below unless a death explains it
             error = error or e

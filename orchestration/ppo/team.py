@@ -21,6 +21,8 @@ the generators sleep (free their GPU memory) while the other roles score and lea
 """
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import ray
@@ -39,7 +41,21 @@ from rlhf.placement import COLOCATED_GPU_MEMORY_UTILIZATION, actor_specs, coloca
 from rlhf.seeds import derive_seed
 from rlhf.sharding import TrainLayout
 
+log = logging.getLogger(__name__)
+
 PLACEMENT_TIMEOUT_S = 120.0  # a colocated placement group that is not ready by then does not fit
+
+
+def warn_if_unplaceable(actor: str, custom: dict[str, float]) -> bool:
+    """Log, once per actor made, that no alive node offers its custom resources (a lost node):
+    Ray keeps the actor pending, and the run goes on once such a node joins."""
+    alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if any(all(res.get(k, 0.0) >= v for k, v in custom.items()) for res in alive):
+        return False
+    log.warning("%s needs %s (resources.role_resources), which no alive node offers; waiting for a "
+                "node started with them (`ray start --address ... --resources '%s'`)", actor, custom,
+                json.dumps({k: 1 for k in custom}))
+    return True
 
 
 class ActorTeam:
@@ -83,7 +99,10 @@ class ActorTeam:
         """(num_cpus, num_gpus, Ray options) of actor `index` of `role` (a group's rank)."""
         spec = self.specs[role]
         if self.layout is None:
-            return spec.num_cpus, spec.num_gpus, {}
+            custom = self.cfg.resources.role_resources.get(role)
+            if custom:
+                warn_if_unplaceable(f"{role} {index}", custom)
+            return spec.num_cpus, spec.num_gpus, {"resources": custom} if custom else {}
         seat = self.layout.seats[role][index]  # its own bundle: a group's ranks a GPU each
         strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=seat.bundle)
         return seat.num_cpus, seat.num_gpus, {"scheduling_strategy": strategy}

@@ -12,6 +12,7 @@ RAY_AUTH_MODE=token (the token is in ~/.ray/auth_token). The cluster is bound to
 by its private temp dir), never `ray stop`, which would end every Ray instance on
 the machine, a user's running pipeline included.
 """
+import json
 import os
 import shutil
 import signal
@@ -141,24 +142,58 @@ def _stop_cluster(temp_dir: str) -> None:
             time.sleep(0.2)
 
 
+def ray_start(temp_dir: str, *, address: str | None = None, port: int | None = None,
+              dashboard_port: int | None = None, num_cpus: int = 2, resources: dict | None = None,
+              block: bool = False) -> list[str]:
+    """`ray start` of a head (`port`, and the dashboard at `dashboard_port`) or of a node joining
+    `address`, on 127.0.0.1, its files under its own temp_dir (how it is found and stopped)."""
+    cmd = [str(BIN / "ray"), "start", "--num-cpus", str(num_cpus), "--node-ip-address", "127.0.0.1",
+           "--disable-usage-stats", "--temp-dir", temp_dir]
+    if address is None:
+        cmd += ["--head", "--port", str(port or _free_port()), "--ray-client-server-port", str(_free_port())]
+        cmd += (["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+                 "--include-dashboard", "true"] if dashboard_port else ["--include-dashboard", "false"])
+    else:
+        cmd += ["--address", address]
+    # Every port a node binds, chosen free: another Ray instance on this machine (a user's
+    # pipeline) holds the defaults, and a job agent that cannot bind 52365 never registers.
+    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                 "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port"):
+        cmd += [flag, str(_free_port())]
+    if resources:
+        cmd += ["--resources", json.dumps(resources)]
+    return cmd + (["--block"] if block else [])
+
+
+def cluster_env() -> dict:
+    """The environment of a client of a `ray start` cluster (Ray 2.60: token authentication)."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def submit_job(address: str, env: dict, entrypoint: list[str], *options: str, timeout_s: float = 900):
+    """`ray job submit --address ADDRESS [options] -- entrypoint`, retried while the head has no job
+    agent yet: right after `ray start` a submission is refused ("No available agent to submit job,
+    please try again later") and nothing runs; on a loaded machine the agent has taken minutes."""
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, *options, "--", *entrypoint]
+    deadline = time.time() + 420
+    while True:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        if "No available agent" not in proc.stdout + proc.stderr or time.time() > deadline:
+            return proc
+        time.sleep(3)
+
+
 @pytest.fixture(scope="package")
 def cluster():
     """(dashboard address, env) of a real `ray start --head` cluster of its own, stopped at the end."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
+    env = cluster_env()
     dash = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-e2e-", dir="/tmp")  # short: Ray's socket paths live under it
-    start = [str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
-             "--port", str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-             "--include-dashboard", "true", "--disable-usage-stats", "--temp-dir", temp_dir]
-    # Every port a head binds, chosen free: another Ray instance on this machine (a user's
-    # pipeline) holds the defaults, and a job agent that cannot bind 52365 never registers.
-    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
-                 "--runtime-env-agent-port", "--ray-client-server-port", "--node-manager-port",
-                 "--object-manager-port"):
-        start += [flag, str(_free_port())]
     try:
-        subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(ray_start(temp_dir, dashboard_port=dash), env=env, check=True, capture_output=True,
+                       timeout=120)
         yield f"http://127.0.0.1:{dash}", env
     finally:
         _stop_cluster(temp_dir)

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from .conftest import submit_job
+
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 
 # The whole pipeline, shortened: a 1-layer model and a handful of steps per stage.
 SHORT = [
@@ -32,19 +30,9 @@ def test_tiny_pipeline_job_succeeds_and_fills_the_run_dir(cluster, tmp_path):
     run_dir = tmp_path / "run"
     runtime_env = {"excludes": [".venv", ".git", "runs", "bench/results", "**/__pycache__", ".pytest_cache",
                                 ".hypothesis"]}
-    submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
-              "--runtime-env-json", json.dumps(runtime_env), "--",
-              "python", "-m", "orchestration.cli", "run", "configs/tiny.yaml",
-              f"run.output_dir={run_dir}", *SHORT]
-    # Right after `ray start` the head may not have a job agent yet ("No available agent to
-    # submit job, please try again later"): the submission is refused, nothing runs; retry.
-    # On a loaded machine the agent process has taken over two minutes to register.
-    deadline = time.time() + 420
-    while True:
-        proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
-        if "No available agent" not in proc.stdout + proc.stderr or time.time() > deadline:
-            break
-        time.sleep(3)
+    proc = submit_job(address, env, ["python", "-m", "orchestration.cli", "run", "configs/tiny.yaml",
+                                     f"run.output_dir={run_dir}", *SHORT],
+                      "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "succeeded" in (proc.stdout + proc.stderr)
     for stage in ("pretrain", "sft", "rm", "ppo", "ppo_noptx"):

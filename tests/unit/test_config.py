@@ -226,3 +226,13 @@ def test_serve_takes_host_and_port_flags_like_other_servers(capsys):
 def test_a_setting_without_its_feature_is_refused(override, field):
     with pytest.raises(ConfigError, match=rf"{re.escape(field)}.*only read"):
         load_config(None, [override])
+
+
+def test_role_resources_name_custom_resources_of_known_roles():
+    cfg = load_config("tiny", ["resources.role_resources={generator: {rollout_node: 0.01}}"])
+    assert cfg.resources.role_resources == {"generator": {"rollout_node": 0.01}}
+    assert "resources.role_resources" in _error("tiny", ["resources.role_resources={generator: {CPU: 1}}"])
+    assert "'generator'" in _error("tiny", ["resources.role_resources={generater: {node: 1}}"])
+    assert "amounts > 0" in _error("tiny", ["resources.role_resources={critic: {node: 0}}"])
+    colocated = load_config("tiny", ["resources.role_resources={critic: {node: 1}}", "resources.colocate=true"])
+    assert [f for f, _ in check_trainable(colocated)] == ["resources.role_resources"]
