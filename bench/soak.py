@@ -6,7 +6,8 @@ The tiny preset's PPO stage (`PPOTrainer.run`, checkpoints, EMA, weight sync, th
 preset's ptx) with 2 generators on a local `ray.init(num_cpus=2)`, from an untrained
 policy and RM of the preset's shape (bench.common.build_models). After every iteration
 a sampler thread records the resident memory (VmRSS) of the driver and of each of our
-actor processes, the Ray object store's bytes in use, and the run folder's size on disk.
+actor processes, the run folder's size on disk, and the latest reading of the Ray object
+store's bytes in use (a slower query, polled beside).
 After the warm-up (the first `--warmup` iterations) it fits a line per series, iteration
 against MiB, and reports the slope with its 95% interval (OLS; consecutive iterations are
 correlated, so the interval is optimistic). A series is flat when its growth over the
@@ -79,16 +80,29 @@ def folder_mib(path: Path) -> float:
 
 
 class Sampler(threading.Thread):
-    """Polls the trainer's iteration counter; one row per finished iteration."""
+    """Polls the trainer's iteration counter; one row per finished iteration.
+
+    The object store's figure comes from a raylet query that waits on busy workers
+    (seconds here), so a second thread keeps the latest one and each row takes it.
+    """
 
     def __init__(self, trainer, run_dir: Path):
         super().__init__(daemon=True)
         self.trainer, self.run_dir, self.rows, self.stop = trainer, run_dir, [], threading.Event()
         self.names: dict[int, str] = {}
+        self.store = (float("nan"), 0)  # (MiB, iteration it was read at)
+        self.store_thread = threading.Thread(target=self._poll_store, daemon=True)
+
+    def _poll_store(self) -> None:
+        while not self.stop.is_set():
+            k = self.trainer.iteration
+            self.store = (object_store_mib(), k)
+            self.stop.wait(0.5)
 
     def run(self) -> None:
         import os
 
+        self.store_thread.start()
         seen = self.trainer.iteration
         while not self.stop.is_set():
             k = self.trainer.iteration
@@ -97,13 +111,16 @@ class Sampler(threading.Thread):
                 actors = actor_processes()
                 for pid, cls in actors.items():  # a stable label per process: class + its order of appearance
                     self.names.setdefault(pid, f"{cls}#{sum(1 for n in self.names.values() if n.startswith(cls + '#'))}")
+                store, store_at = self.store
                 row = {"iteration": k, "time": time.time(), "driver_mib": rss_mib(os.getpid()),
-                       "object_store_mib": object_store_mib(), "run_dir_mib": folder_mib(self.run_dir)}
+                       "object_store_mib": store, "object_store_read_at": store_at,
+                       "run_dir_mib": folder_mib(self.run_dir)}
                 for pid in actors:
                     row[self.names[pid]] = rss_mib(pid)
                 row["actors_total_mib"] = sum(v for n, v in row.items() if "#" in n and v is not None)
                 self.rows.append(row)
-            time.sleep(0.05)
+            time.sleep(0.02)
+        self.store_thread.join()
 
 
 def fit(xs: list[float], ys: list[float]) -> dict:
