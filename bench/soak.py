@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 import statistics
 import sys
@@ -27,7 +28,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import RESULTS, build_models, print_table, ptx_blocks, start_local_ray, synthetic_prompts  # noqa: E402
@@ -100,8 +100,6 @@ class Sampler(threading.Thread):
             self.stop.wait(0.5)
 
     def run(self) -> None:
-        import os
-
         self.store_thread.start()
         seen = self.trainer.iteration
         while not self.stop.is_set():

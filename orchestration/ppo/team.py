@@ -46,16 +46,14 @@ log = logging.getLogger(__name__)
 PLACEMENT_TIMEOUT_S = 120.0  # a colocated placement group that is not ready by then does not fit
 
 
-def warn_if_unplaceable(actor: str, custom: dict[str, float]) -> bool:
+def warn_if_unplaceable(actor: str, custom: dict[str, float]) -> None:
     """Log, once per actor made, that no alive node offers its custom resources (a lost node):
     Ray keeps the actor pending, and the run goes on once such a node joins."""
     alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    if any(all(res.get(k, 0.0) >= v for k, v in custom.items()) for res in alive):
-        return False
-    log.warning("%s needs %s (resources.role_resources), which no alive node offers; waiting for a "
-                "node started with them (`ray start --address ... --resources '%s'`)", actor, custom,
-                json.dumps({k: 1 for k in custom}))
-    return True
+    if not any(all(res.get(k, 0.0) >= v for k, v in custom.items()) for res in alive):
+        log.warning("%s needs %s (resources.role_resources), which no alive node offers; waiting for a "
+                    "node started with them (`ray start --address ... --resources '%s'`)", actor, custom,
+                    json.dumps({k: 1 for k in custom}))
 
 
 class ActorTeam:

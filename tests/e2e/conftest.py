@@ -129,14 +129,18 @@ def _processes_naming(text: str) -> list[int]:
     return pids
 
 
+def _signal_processes_naming(text: str, sig: int) -> None:
+    for pid in _processes_naming(text):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def _stop_cluster(temp_dir: str) -> None:
     """SIGTERM, then SIGKILL, every process of the cluster whose files live in temp_dir."""
     for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        for pid in _processes_naming(temp_dir):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        _signal_processes_naming(temp_dir, sig)
         deadline = time.time() + grace
         while _processes_naming(temp_dir) and time.time() < deadline:
             time.sleep(0.2)

@@ -29,7 +29,7 @@ from rlhf.config import load_config
 from tests.integration.conftest import TINY, _write_tiny_ppo_inputs
 from tests.integration.test_faults_ppo import assert_same_run
 
-from .conftest import _free_port, _processes_naming, cluster_env, ray_start, submit_job
+from .conftest import _free_port, _signal_processes_naming, cluster_env, ray_start, submit_job
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -59,11 +59,7 @@ class Node:
 
     def kill(self) -> None:
         """SIGKILL, all at once: the node is gone, as if its machine had died."""
-        for pid in _processes_naming(self.temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _signal_processes_naming(self.temp_dir, signal.SIGKILL)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -75,15 +71,11 @@ class Node:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def _head(env: dict, gcs_port: int, **start) -> Node:
-    return Node({**env, **FAST_DEATH}, port=gcs_port, resources={"trainer_node": 1}, **start)
-
-
 @pytest.fixture(scope="module")
 def two_nodes():
     env, port = cluster_env(), _free_port()
     address = f"127.0.0.1:{port}"
-    nodes = [_head(env, port)]
+    nodes = [Node({**env, **FAST_DEATH}, port=port, resources={"trainer_node": 1})]
     try:
         nodes.append(Node(env, address=address, resources={"rollout_node": 1}))
         yield address, env, nodes
@@ -166,8 +158,7 @@ def test_a_lost_head_resubmitted_with_resume_continues_from_the_checkpoint(refer
         while not (stage.checkpoints / "step_00000002" / "COMPLETE").exists():
             assert time.time() < deadline, "no checkpoint within 600 s"
             time.sleep(0.05)
-        for pid in _processes_naming(str(cfg_file)):  # the job's driver dies with its machine
-            os.kill(pid, signal.SIGKILL)
+        _signal_processes_naming(str(cfg_file), signal.SIGKILL)  # the job's driver dies with its machine
     finally:
         head.remove()
     killed_at = time.time()
