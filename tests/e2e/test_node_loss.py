@@ -26,8 +26,7 @@ import pytest
 
 from orchestration.rundir import StageDir, read_metrics
 from rlhf.config import load_config
-from tests.integration.conftest import TINY, _write_tiny_ppo_inputs
-from tests.integration.test_faults_ppo import assert_same_run
+from tests.integration.conftest import TINY, _write_tiny_ppo_inputs, assert_same_run
 
 from .conftest import _free_port, _signal_processes_naming, cluster_env, ray_start, submit_job
 

@@ -5,6 +5,8 @@ run and check different things on it; pure parts are tested by direct calls.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -98,6 +100,49 @@ def _write_tiny_ppo_inputs(root, cfg: Config, rm_head_fill: float | None = None)
 def tiny_ppo_inputs():
     """tiny_ppo_inputs(root, cfg, rm_head_fill=None): writes sft/final and rm/final under root."""
     return _write_tiny_ppo_inputs
+
+
+# 4 iterations of 16 episodes; checkpoints after iterations 2 and 4, so a critic
+# restart has calls to replay and a learner loss in iteration 3 rewinds one iteration.
+# The small token budget splits generation into many passes: a kill lands mid-call.
+FAULT_RUN = ["ppo.episodes=64", "ppo.batch_size=16", "ppo.minibatch_size=8", "ppo.num_generators=2",
+             "ppo.num_learners=2", "ppo.checkpoint_every=2", "ppo.compare_ptx=false",
+             "ppo.ptx_seq_len=32", "ppo.ptx_ratio=2", "ppo.generation_token_budget=64",
+             "ppo.max_restarts=3",
+             "data.synthetic.num_prompts=64", "data.synthetic.num_pretrain_docs=200"]
+WALL_CLOCK = {"time", "tokens_per_second", "generated_tokens_per_second"}
+
+
+def _comparable(row: dict) -> dict:
+    return {k: v for k, v in row.items()
+            if k not in WALL_CLOCK and not k.startswith("seconds_") and not k.endswith("_restarts")}
+
+
+def _same(a, b) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def assert_same_run(rows: list[dict], ref: list[dict]) -> None:
+    assert [r["step"] for r in rows] == [r["step"] for r in ref]
+    for got, want in zip(rows, ref):
+        got, want = _comparable(got), _comparable(want)
+        assert got.keys() == want.keys()
+        diff = {k: (got[k], want[k]) for k in got if not _same(got[k], want[k])}
+        assert not diff, f"iteration {got['step']} differs: {diff}"
+
+
+@pytest.fixture(scope="session")
+def fault_reference(ray_local, tmp_path_factory):
+    """(config, metrics rows) of the uninterrupted FAULT_RUN, which every faulted run must equal;
+    one run per session, shared by the fault and full-disk tests."""
+    from orchestration.rundir import StageDir, read_metrics
+    from orchestration.stages import ppo
+
+    root = tmp_path_factory.mktemp("fault_reference")
+    cfg = _tiny_config(root, *FAULT_RUN)
+    _write_tiny_ppo_inputs(root, cfg)
+    ppo.main(cfg)
+    return cfg, read_metrics(StageDir(root, "ppo").metrics_file)
 
 
 def _write_actor_models(root, texts: list[str], reward_bias: float = 0.0) -> dict:

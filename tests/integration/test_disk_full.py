@@ -18,8 +18,7 @@ import pytest
 from orchestration import cli
 from orchestration.ppo import checkpoints
 from orchestration.rundir import StageDir, read_metrics
-from orchestration.stages import ppo
-from tests.integration.test_faults_ppo import FAULT_RUN, assert_same_run
+from tests.integration.conftest import FAULT_RUN, assert_same_run
 
 pytestmark = pytest.mark.slow
 MiB = 2 ** 20
@@ -57,12 +56,9 @@ class Ballast:
 
 
 def test_a_full_disk_stops_the_run_cleanly_and_resume_finishes_it(
-        ray_local, tiny_config, tiny_ppo_inputs, small_disk, tmp_path, capsys):
-    ref_cfg = tiny_config(tmp_path / "reference", *FAULT_RUN)
-    tiny_ppo_inputs(ref_cfg.output_dir, ref_cfg)
-    ppo.main(ref_cfg)
+        fault_reference, tiny_config, tiny_ppo_inputs, small_disk, tmp_path, capsys):
+    ref_cfg, reference = fault_reference
     ref_stage = StageDir(ref_cfg.output_dir, "ppo")
-    reference = read_metrics(ref_stage.metrics_file)
     checkpoint = _size(ref_stage.checkpoints / "step_00000002")
     final = _size(ref_stage.final)
 

@@ -11,7 +11,6 @@ wall-clock ones and the restart counters: nothing lost, nothing done twice.
 """
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess
@@ -25,37 +24,9 @@ import ray
 from orchestration.ppo.trainer import PPOTrainer
 from orchestration.rundir import StageDir, read_metrics
 from orchestration.stages import ppo
+from tests.integration.conftest import FAULT_RUN, assert_same_run
 
 pytestmark = pytest.mark.slow
-
-# 4 iterations of 16 episodes; checkpoints after iterations 2 and 4, so a critic
-# restart has calls to replay and a learner loss in iteration 3 rewinds one iteration.
-# The small token budget splits generation into many passes: a kill lands mid-call.
-FAULT_RUN = ["ppo.episodes=64", "ppo.batch_size=16", "ppo.minibatch_size=8", "ppo.num_generators=2",
-             "ppo.num_learners=2", "ppo.checkpoint_every=2", "ppo.compare_ptx=false",
-             "ppo.ptx_seq_len=32", "ppo.ptx_ratio=2", "ppo.generation_token_budget=64",
-             "ppo.max_restarts=3",
-             "data.synthetic.num_prompts=64", "data.synthetic.num_pretrain_docs=200"]
-WALL_CLOCK = {"time", "tokens_per_second", "generated_tokens_per_second"}
-
-
-def _comparable(row: dict) -> dict:
-    return {k: v for k, v in row.items()
-            if k not in WALL_CLOCK and not k.startswith("seconds_") and not k.endswith("_restarts")}
-
-
-def _same(a, b) -> bool:
-    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
-
-
-def assert_same_run(rows: list[dict], ref: list[dict]) -> None:
-    assert [r["step"] for r in rows] == [r["step"] for r in ref]
-    for got, want in zip(rows, ref):
-        got, want = _comparable(got), _comparable(want)
-        assert got.keys() == want.keys()
-        diff = {k: (got[k], want[k]) for k in got if not _same(got[k], want[k])}
-        assert not diff, f"iteration {got['step']} differs: {diff}"
-
 
 @pytest.fixture(scope="module")
 def make_run(ray_local, tiny_config, tiny_ppo_inputs, tmp_path_factory):
@@ -68,10 +39,8 @@ def make_run(ray_local, tiny_config, tiny_ppo_inputs, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(make_run):
-    cfg = make_run("reference")
-    ppo.main(cfg)
-    rows = read_metrics(StageDir(cfg.output_dir, "ppo").metrics_file)
+def reference(fault_reference):
+    rows = fault_reference[1]
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
     return rows
 

@@ -13,7 +13,8 @@ import pytest
 from orchestration.ppo.trainer import PPOTrainer
 from orchestration.rundir import StageDir, read_metrics
 from orchestration.stages import ppo
-from tests.integration.test_faults_ppo import FAULT_RUN, Killer, _driver, _sigkill, _wait_for, assert_same_run
+from tests.integration.conftest import FAULT_RUN, assert_same_run
+from tests.integration.test_faults_ppo import Killer, _driver, _sigkill, _wait_for
 
 pytestmark = pytest.mark.slow
 
