@@ -125,6 +125,21 @@ def build_tiny_model(
     return model
 
 
+def never_emit(model: GPT2LMHeadModel, token_id: int, margin: float = 50.0) -> None:
+    """Push `token_id`'s logit about `margin` below every other (e.g. EOS, for fixed-length outputs).
+
+    The final LayerNorm's bias gets a unit direction u times `margin` and the token's (tied)
+    embedding becomes -u: its logit is then at most sqrt(n_embd) - margin at init, while
+    the others move by margin * (u . their embedding), about N(0, 1) for GPT-2's 0.02 init.
+    """
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(token_id)
+        u = torch.randn(model.config.n_embd)
+        u /= u.norm()
+        model.transformer.ln_f.bias.copy_(margin * u)
+        model.transformer.wte.weight[token_id] = -u
+
+
 def make_tiny_base(
     out_dir: str | Path,
     texts: Iterable[str],

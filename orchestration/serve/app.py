@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException
 
@@ -47,6 +48,10 @@ async def _http_error(_: Request, e: HTTPException) -> JSONResponse:
 
 @api.exception_handler(Exception)
 async def _server_error(_: Request, e: Exception) -> JSONResponse:
+    # Also reached by a stream's cancellation (its headers are sent), so checked here.
+    if isinstance(e, TaskCancelledError):  # the client left and Serve cancelled the request
+        log.info("request cancelled: the client disconnected")
+        return JSONResponse(P.error_body("client closed the request", "cancelled"), status_code=499)
     log.exception("request failed")
     return JSONResponse(P.error_body(f"internal error: {type(e).__name__}", "server_error"), 500)
 

@@ -19,7 +19,7 @@ import asyncio
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Iterator, Sequence
+from typing import AsyncIterator, Callable, Iterable, Iterator, Sequence
 
 import torch
 from ray import serve
@@ -141,11 +141,13 @@ class ServeEngine:
 
     # ---- decoding -------------------------------------------------------------
     @torch.no_grad()
-    def steps(self, rows: Sequence[Row]) -> Iterator[list[Delta | None]]:
+    def steps(self, rows: Sequence[Row], dropped: Callable[[], Iterable[int]] = tuple
+              ) -> Iterator[list[Delta | None]]:
         """Decode all rows together; yield one entry per row after each token (None once done).
 
         When a row echoes or has max_tokens 0, a first step (tokens=0) carries the
         echoed prompts and ends the max_tokens-0 rows; the other rows get empty deltas.
+        `dropped()`: the rows nobody reads any more (their caller left); they stop decoding.
         """
         gens = [torch.Generator().manual_seed((secrets.randbits(63) if r.seed is None else r.seed)
                                               % 2**64) for r in rows]
@@ -183,6 +185,8 @@ class ServeEngine:
                 else:
                     reason = None
                 out[i] = Delta(text, reason, n, texts[i].take_logprobs(done=reason is not None))
+            gone = set(dropped())
+            stopped += [j for j, i in enumerate(live) if i in gone]
             decoding.finish(stopped)  # EOS and max_tokens end rows in the core itself
             yield out
 
@@ -217,6 +221,13 @@ def _scored(raw: RawLogprobs) -> list[Scored]:
             zip(raw.chosen.tolist(), raw.top_ids.tolist(), raw.top_logprobs.tolist())]
 
 
+@dataclass
+class _Job:
+    """One caller's rows in a batch."""
+    rows: list[Row]
+    abandoned: bool = False  # the caller stopped reading
+
+
 class BatchedEngine:
     """Requests arriving together (up to max_batch_size, within batch_wait_timeout_s) share a loop.
 
@@ -230,18 +241,28 @@ class BatchedEngine:
 
     async def run(self, rows: list[Row]) -> AsyncIterator[list[Delta | None]]:
         """This request's rows, one list of deltas per decoding step."""
-        async for deltas in self._batch(rows):
-            yield deltas
+        job = _Job(rows)
+        try:
+            async for deltas in self._batch(job):
+                yield deltas
+        finally:  # also when the caller is cancelled (a client that disconnected)
+            job.abandoned = True
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batch(self, jobs: list[list[Row]]):
-        flat = [row for job in jobs for row in job]
+    async def _batch(self, jobs: list[_Job]):
+        flat = [row for job in jobs for row in job.rows]
         spans, start = [], 0
         for job in jobs:
-            spans.append((start, start + len(job)))
-            start += len(job)
+            spans.append((start, start + len(job.rows)))
+            start += len(job.rows)
         finished = [False] * len(jobs)
-        steps = self.engine.steps(flat)
+
+        # Serve runs a batch to its end even for callers that left, and the next batch waits
+        # for it: their rows must stop decoding, or a few dropped streams stall the replica.
+        def dropped() -> list[int]:
+            return [i for job, (a, b) in zip(jobs, spans) if job.abandoned for i in range(a, b)]
+
+        steps = self.engine.steps(flat, dropped)
         while True:
             # A thread, so the replica's event loop keeps accepting requests meanwhile.
             deltas = await asyncio.to_thread(next, steps, None)

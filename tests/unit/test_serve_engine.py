@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from orchestration.serve.engine import Delta, Row, ServeEngine
-from rlhf.tiny import make_tiny_base
+from rlhf.tiny import build_tiny_model, make_tiny_base, never_emit, train_tokenizer
 
 TEXTS = [f"the quick brown fox jumps over the lazy dog {i}" for i in range(100)]
 
@@ -14,6 +14,18 @@ def engine(tmp_path_factory):
     checkpoint = make_tiny_base(tmp_path_factory.mktemp("serve") / "tiny", TEXTS, vocab_size=300,
                                 n_positions=96, n_embd=32, n_layer=2, n_head=2)
     return ServeEngine(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def endless(tmp_path_factory):
+    """An engine whose model never emits EOS: every row runs to its max_tokens."""
+    folder = tmp_path_factory.mktemp("endless")
+    tok = train_tokenizer(TEXTS, vocab_size=300)
+    model = build_tiny_model(tok, n_layer=2, n_head=2, n_embd=32, n_positions=96)
+    never_emit(model, tok.eos_token_id)
+    tok.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return ServeEngine(folder)
 
 
 def _run(engine, rows):
@@ -147,3 +159,28 @@ def test_stop_string_holds_back_logprob_entries_and_clamps_their_offsets(engine)
     texts, entries, tokens = _entries(engine, [Row(p, 24, stop=(stop,), seed=4, logprobs=1)])
     assert texts[0] == free[:free.index(stop)] and len(entries[0]) == tokens[0]
     assert all(e.offset <= len(texts[0]) for e in entries[0])
+
+
+def test_dropped_rows_stop_decoding_and_the_others_go_on_unchanged(endless):
+    p = endless.encode("the quick brown")
+    rows = [Row(p, 40, seed=s) for s in range(4)]
+    texts, reasons, tokens, _ = _run(endless, rows)
+    assert reasons == ["length"] * 4 and tokens == [40] * 4  # no EOS: the full 40 tokens each
+    gone: set[int] = set()
+    got, seen, steps = [""] * 4, [0] * 4, 0
+    for k, deltas in enumerate(endless.steps(rows, dropped=lambda: gone)):
+        steps += 1
+        for i, d in enumerate(deltas):
+            if d is not None:
+                got[i] += d.text
+                seen[i] += 1
+        if k == 4:
+            gone |= {0, 2}  # their callers left after the 5th token
+    assert seen == [6, 40, 6, 40]  # the step under way when they left, then nothing
+    assert [got[1], got[3]] == [texts[1], texts[3]] and steps == 40
+
+    gone, steps = set(), 0
+    for k, _ in enumerate(endless.steps(rows, dropped=lambda: gone)):
+        steps += 1
+        gone |= {0, 1, 2, 3} if k == 2 else set()
+    assert steps == 4  # every caller gone: the decode ends, the batch is free
