@@ -6,6 +6,10 @@ Routes: POST /v1/completions, POST /v1/chat/completions (both stream with
 GET /health (open, for load balancers; the others need `Authorization: Bearer
 <key>` when a key is configured in serve.api_key or the env INSTRUCTRAY_API_KEY).
 Binds serve.host (127.0.0.1 by default). The HF engine runs on the CPU; `vllm_app` is the GPU path.
+
+Two deployments: this HTTP front (tokenizer only) and the decoder replicas (`decoder.py`, the
+weights). A request whose decoder replica dies before the first token reaches the client is
+sent again to another replica, up to REPLICA_LOST_RETRIES times.
 """
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type
 # on the route methods (Serve's class-based view does not resolve string annotations).
@@ -15,23 +19,26 @@ import time
 from pathlib import Path
 from typing import AsyncIterator
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
-from ray.exceptions import TaskCancelledError
+from ray.exceptions import RayActorError, TaskCancelledError
 from ray.serve.config import BackpressureConfig
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from orchestration.rundir import COMPLETE
 from orchestration.serve import protocol as P
 from orchestration.serve.auth import serving_key
-from orchestration.serve.engine import BatchedEngine, Row, ServeEngine
+from orchestration.serve.decoder import Decoder
+from orchestration.serve.engine import Row
 from orchestration.serve.logprob_format import chat_logprobs, completion_logprobs
+from orchestration.serve.prompts import PromptCodec
 from rlhf.config import Config, ServeConfig
 
 log = logging.getLogger(__name__)
+REPLICA_LOST_RETRIES = 3  # a decoder replica that died holding a request: try the others
 
 api = FastAPI(title="instructray", docs_url=None, redoc_url=None)
 
@@ -64,6 +71,14 @@ def _usage(prompts: list[list[int]], tokens: list[int]) -> P.Usage:
     return P.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
+def _retry_or_raise(lost: RayActorError, attempt: int) -> None:
+    """Say that a request goes to another decoder replica, or re-raise once the retries are spent."""
+    if attempt == REPLICA_LOST_RETRIES:
+        raise lost
+    log.warning("a decoder replica was lost with a request (%s); sending it again (%d of %d)",
+                type(lost).__name__, attempt + 1, REPLICA_LOST_RETRIES)
+
+
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:
     async def guarded() -> AsyncIterator[str]:
         try:
@@ -80,14 +95,13 @@ def _sse(events: AsyncIterator[str]) -> StreamingResponse:
 @serve.deployment(name="instructray")  # admission limits: build_app, from ServeConfig
 @serve.ingress(api)
 class OpenAIServer:
-    def __init__(self, checkpoint: str, model_name: str, serve_cfg: dict, api_key: str | None,
-                 num_threads: int = 1, dtype: str = "float32") -> None:
-        torch.set_num_threads(num_threads)
+    def __init__(self, decoder: DeploymentHandle, checkpoint: str, model_name: str, serve_cfg: dict,
+                 api_key: str | None) -> None:
         self.cfg = ServeConfig.model_validate(serve_cfg)
         self.model_name, self.api_key = model_name, api_key
         self.created = int(time.time())
-        self.engine = ServeEngine(checkpoint, dtype=dtype)
-        self.batcher = BatchedEngine(self.engine, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
+        self.engine = PromptCodec(checkpoint)
+        self.decoder = decoder.options(stream=True)
 
     @api.get("/health")
     async def health(self) -> dict:
@@ -196,10 +210,32 @@ class OpenAIServer:
     def _chat_logprobs(self, row: Row, entries) -> P.ChatLogprobs | None:
         return None if row.logprobs is None else chat_logprobs(entries, self.engine.token_text)
 
+    async def _deltas(self, rows: list[Row]) -> AsyncIterator[list]:
+        """The rows' deltas step by step; a lost decoder replica is retried while nothing was sent."""
+        for attempt in range(REPLICA_LOST_RETRIES + 1):
+            sent = False
+            try:
+                async for deltas in self.decoder.generate.remote(rows):
+                    sent = True
+                    yield deltas
+                return
+            except RayActorError as e:
+                if sent:  # the client has part of this answer: a new one cannot follow it
+                    raise
+                _retry_or_raise(e, attempt)
+
     async def _collect(self, rows: list[Row], prompts: list[list[int]]):
+        """A whole answer; nothing is sent before it is complete, so a lost replica is always retried."""
+        for attempt in range(REPLICA_LOST_RETRIES + 1):
+            try:
+                return await self._collect_once(rows, prompts)
+            except RayActorError as e:
+                _retry_or_raise(e, attempt)
+
+    async def _collect_once(self, rows: list[Row], prompts: list[list[int]]):
         texts, reasons, tokens = [""] * len(rows), [None] * len(rows), [0] * len(rows)
         entries: list[list] = [[] for _ in rows]
-        async for deltas in self.batcher.run(rows):
+        async for deltas in self.decoder.generate.remote(rows):
             for i, d in enumerate(deltas):
                 if d is not None:
                     texts[i] += d.text
@@ -210,7 +246,7 @@ class OpenAIServer:
 
     async def _stream_completion(self, req, rows, prompts, rid, created) -> AsyncIterator[str]:
         tokens = [0] * len(rows)
-        async for deltas in self.batcher.run(rows):
+        async for deltas in self._deltas(rows):
             for i, d in enumerate(deltas):
                 if d is not None and (d.text or d.finish_reason or d.logprobs):
                     tokens[i] = d.tokens
@@ -229,7 +265,7 @@ class OpenAIServer:
         for i in range(len(rows)):
             yield chunk([P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content=""))])
         tokens = [0] * len(rows)
-        async for deltas in self.batcher.run(rows):
+        async for deltas in self._deltas(rows):
             for i, d in enumerate(deltas):
                 if d is not None and (d.text or d.finish_reason or d.logprobs):
                     tokens[i] = d.tokens
@@ -275,12 +311,15 @@ def build_app(checkpoint: str | Path, serve_cfg: ServeConfig, model_name: str | 
     """The Serve application (HF engine); `serve.run` it. The key is resolved here, driver-side."""
     checkpoint = Path(checkpoint).resolve()
     api_key = serving_key(serve_cfg)
+    decoder = Decoder.options(
+        num_replicas=serve_cfg.num_replicas, ray_actor_options={"num_cpus": num_cpus},
+        max_ongoing_requests=serve_cfg.max_ongoing_requests,
+    ).bind(str(checkpoint), serve_cfg.max_batch_size, serve_cfg.batch_wait_timeout_s, max(1, int(num_cpus)), dtype)
+    # One front per decoder replica, admitting what one replica takes; it holds no weights and
+    # reserves no CPU. What it admits beyond a busy replica waits at its handle, bounded by that.
     return OpenAIServer.options(
-        num_replicas=serve_cfg.num_replicas,
-        ray_actor_options={"num_cpus": num_cpus},
-        **admission(serve_cfg),
-    ).bind(str(checkpoint), model_name or model_name_for(checkpoint), serve_cfg.model_dump(),
-           api_key, max(1, int(num_cpus)), dtype)
+        num_replicas=serve_cfg.num_replicas, ray_actor_options={"num_cpus": 0}, **admission(serve_cfg),
+    ).bind(decoder, str(checkpoint), model_name or model_name_for(checkpoint), serve_cfg.model_dump(), api_key)
 
 
 def main(cfg: Config, target: str) -> None:

@@ -1,10 +1,10 @@
 """A serving replica SIGKILLed under load: the endpoint keeps answering and Serve replaces it.
 
-A third application on the package's Serve instance (route prefix /replicas, 2 replicas);
-16 clients send completions without pause; one replica's process is killed mid-way.
-Requests on the dead replica fail (Serve does not retry a request a replica had taken);
-everything else is answered by the survivor, and Serve starts a new replica. The count
-of failed requests is printed for the README's reliability table.
+A third application on the package's Serve instance (route prefix /replicas, 2 decoder
+replicas behind 2 HTTP fronts); 16 clients send completions without pause; one decoder
+replica's process is killed mid-way. Serve itself does not retry a request a replica had
+taken; the front sends those again to the survivor, so no client sees the loss, and Serve
+starts a new replica. The counts are printed for the README's reliability table.
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ import requests
 from tests.e2e.conftest import _processes_naming
 
 APP = "instructray-replicas"
+DECODER = f"ServeReplica:{APP}:decoder"  # the process title of a decoder replica
 CLIENTS = 16
-MAX_ONGOING = 4  # per replica: what one death can take down with it
+MAX_ONGOING = 4  # per replica: the requests one death interrupts
 BODY = {"model": "replicas", "prompt": "the quick brown", "max_tokens": 16, "seed": 1}
 
 
@@ -56,7 +57,8 @@ def _running_replicas() -> int:
     app = serve.status().applications.get(APP)
     if app is None:
         return 0
-    return sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
+    decoder = app.deployments.get("decoder")
+    return 0 if decoder is None else decoder.replica_states.get("RUNNING", 0)
 
 
 def _wait_for(condition, timeout_s: float, what: str) -> float:
@@ -69,7 +71,7 @@ def _wait_for(condition, timeout_s: float, what: str) -> float:
 
 
 def _replica_pids() -> list[int]:
-    return [p for p in _processes_naming(f"ServeReplica:{APP}") if p != os.getpid()]
+    return [p for p in _processes_naming(DECODER) if p != os.getpid()]
 
 
 def test_a_replica_killed_under_load_is_replaced_and_the_endpoint_keeps_answering(two_replicas):
@@ -106,6 +108,4 @@ def test_a_replica_killed_under_load_is_replaced_and_the_endpoint_keeps_answerin
           f"replaced in {replaced_s:.1f} s")
     assert before and all(c == 200 for c in before)
     assert after.count(200) > CLIENTS  # answered all along, by the survivor
-    # only what the dead replica had taken: at most its max_ongoing_requests
-    assert len(failed) <= MAX_ONGOING, failed
-    assert all(c == 200 for t, c in results if t > killed_at + replaced_s + 1.0)
+    assert not failed, failed  # what the dead replica had taken was answered by the survivor
