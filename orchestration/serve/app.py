@@ -101,7 +101,7 @@ class OpenAIServer:
         self.model_name, self.api_key = model_name, api_key
         self.created = int(time.time())
         self.engine = PromptCodec(checkpoint)
-        self.decoder = decoder.options(stream=True)
+        self.decoder, self.whole = decoder.options(stream=True), decoder
 
     @api.get("/health")
     async def health(self) -> dict:
@@ -225,24 +225,14 @@ class OpenAIServer:
                 _retry_or_raise(e, attempt)
 
     async def _collect(self, rows: list[Row], prompts: list[list[int]]):
-        """A whole answer; nothing is sent before it is complete, so a lost replica is always retried."""
+        """A whole answer, in one reply from the decoder (one message per request, not per token);
+        nothing is sent before it is complete, so a lost replica is always retried."""
         for attempt in range(REPLICA_LOST_RETRIES + 1):
             try:
-                return await self._collect_once(rows, prompts)
+                texts, reasons, entries, tokens = await self.whole.complete.remote(rows)
+                return texts, reasons, entries, _usage(prompts, tokens)
             except RayActorError as e:
                 _retry_or_raise(e, attempt)
-
-    async def _collect_once(self, rows: list[Row], prompts: list[list[int]]):
-        texts, reasons, tokens = [""] * len(rows), [None] * len(rows), [0] * len(rows)
-        entries: list[list] = [[] for _ in rows]
-        async for deltas in self.decoder.generate.remote(rows):
-            for i, d in enumerate(deltas):
-                if d is not None:
-                    texts[i] += d.text
-                    tokens[i] = d.tokens
-                    reasons[i] = d.finish_reason or reasons[i]
-                    entries[i] += d.logprobs
-        return texts, reasons, entries, _usage(prompts, tokens)
 
     async def _stream_completion(self, req, rows, prompts, rid, created) -> AsyncIterator[str]:
         tokens = [0] * len(rows)

@@ -25,3 +25,16 @@ class Decoder:
         """The rows' deltas after each decoding step, batched with other callers' rows."""
         async for deltas in self.batcher.run(rows):
             yield deltas
+
+    async def complete(self, rows: list[Row]) -> tuple[list[str], list[str | None], list[list], list[int]]:
+        """Each row's whole answer: (texts, finish reasons, logprob entries, completion tokens)."""
+        texts, reasons, tokens = [""] * len(rows), [None] * len(rows), [0] * len(rows)
+        entries: list[list] = [[] for _ in rows]
+        async for deltas in self.batcher.run(rows):
+            for i, d in enumerate(deltas):
+                if d is not None:
+                    texts[i] += d.text
+                    tokens[i] = d.tokens
+                    reasons[i] = d.finish_reason or reasons[i]
+                    entries[i] += d.logprobs
+        return texts, reasons, entries, tokens
