@@ -1,0 +1,111 @@
+"""Our PPO against TRL's PPOTrainer, the last PPO trainer of the Hugging Face stack, in the same run.
+
+    .venv/bin/python bench/peer_trl.py [--quick] [--presets tiny small]
+
+The first run creates bench/.venv-trl (CPU torch pinned as ours, trl==0.24.0, the last
+release that ships PPOTrainer, and our transformers version) and reuses it after. For
+each preset: the untrained policy of the preset's shape (bench.common.build_models, EOS
+unreachable so every response is exactly max_response_tokens long on both sides), the
+same prompts, batch, minibatch, response length, one PPO epoch, 2 threads, no ptx; then
+- TRL: `PPOTrainer.train` in the venv (bench/peer_trl_run.py), seconds per iteration after
+  a warm-up iteration;
+- ours: `PPOTrainer.step` on a local `ray.init(num_cpus=2)` (bench/ppo_iteration.run_ours,
+  ptx off), after a warm-up iteration.
+What differs in the work (kept, not matched): TRL takes the rollout's logprobs from
+`generate()`'s scores and steps policy and value with one backward; ours scores the
+rollout with a separate forward pass and trains policy and critic in their own actors.
+Prints episodes/s of both and the ratio; writes bench/results/peer_trl.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.common import build_models, load_average, print_table, ptx_blocks, synthetic_prompts, write_results  # noqa: E402
+from bench.ppo_iteration import ITERATIONS, QUICK, run_ours  # noqa: E402
+
+VENV = REPO / "bench" / ".venv-trl"
+TRL = "trl==0.24.0"
+
+
+def trl_python() -> Path:
+    """The venv's python, created (once) with TRL and our torch and transformers."""
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                        "-c", str(REPO / "constraints-cpu.txt"), TRL, f"transformers=={version('transformers')}",
+                        "torch", "accelerate", "datasets"], check=True)
+    return python
+
+
+def run_trl(cfg, policy: Path, prompt_ids: list[list[int]], iterations: int, threads: int) -> dict:
+    p = cfg.ppo
+    spec = {"policy": str(policy), "prompt_ids": prompt_ids, "batch_size": p.batch_size,
+            "minibatch_size": p.minibatch_size, "response_tokens": cfg.model.max_response_tokens,
+            "iterations": iterations, "threads": threads, "kl_coef": p.kl_coef, "lr": p.lr}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_file.write_text(json.dumps(spec))
+        subprocess.run([str(trl_python()), str(REPO / "bench" / "peer_trl_run.py"), str(spec_file), str(out_file)],
+                       check=True, env={"TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1",
+                                        "PATH": "/usr/bin:/bin"})
+        return json.loads(out_file.read_text())
+
+
+def bench_preset(preset: str, overrides: list[str], iterations: int) -> list[dict]:
+    from rlhf.config import load_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(preset, [f"run.output_dir={tmp}", "resources.num_cpus=2", "ppo.ptx_coef=0",
+                                   "ppo.ppo_epochs=1", *overrides])
+        t = cfg.model.tiny
+        models = build_models(Path(tmp) / "models", t.vocab_size, t.n_layer, t.n_head, t.n_embd,
+                              t.n_positions or cfg.model.context_length, seed=cfg.run.seed)
+        prompts = synthetic_prompts(models.tokenizer, 4 * cfg.ppo.batch_size, cfg.model.max_prompt_tokens)
+        ids = [models.tokenizer(q, add_special_tokens=False)["input_ids"] for q in prompts]
+        shape = {"preset": preset, "params_M": models.params / 1e6, "episodes": cfg.ppo.batch_size,
+                 "minibatch": cfg.ppo.minibatch_size, "response_tokens": cfg.model.max_response_tokens}
+        print(f"{preset}: {models.params / 1e6:.1f}M parameters, batch {cfg.ppo.batch_size}, minibatch "
+              f"{cfg.ppo.minibatch_size}, {cfg.model.max_response_tokens} response tokens; load {load_average()}")
+        load = load_average()
+        trl = run_trl(cfg, models.policy, ids, iterations, threads=2)
+        trl_row = shape | {"system": f"TRL {trl['trl_version']} PPOTrainer", "s_per_iteration": trl["s_per_iteration"],
+                           "episodes_per_s": trl["episodes_per_s"], "load_before": load}
+        load = load_average()
+        ours = run_ours(cfg, models, prompts, ptx_blocks(models.tokenizer, 32), iterations, Path(tmp))
+        ours_row = shape | {"system": "ours (Ray)", "s_per_iteration": ours["s_per_iteration"],
+                            "episodes_per_s": ours["episodes_per_s"], "load_before": load}
+        for row in (trl_row, ours_row):
+            row["vs_trl"] = row["episodes_per_s"] / trl_row["episodes_per_s"]
+            row["load_after"] = load_average()
+        return [trl_row, ours_row]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: small batches, 1 iteration")
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    args = parser.parse_args(argv)
+    rows = []
+    for preset in args.presets:
+        iterations = 1 if args.quick else ITERATIONS.get(preset, 2)
+        rows += bench_preset(preset, QUICK.get(preset, []) if args.quick else [], iterations)
+    print_table("PPO without ptx: ours against TRL's PPOTrainer (same shapes, 2 threads)", rows,
+                ["preset", "system", "params_M", "episodes", "minibatch", "response_tokens", "s_per_iteration",
+                 "episodes_per_s", "vs_trl", "load_before", "load_after"])
+    write_results("peer_trl", {"rows": rows, "note": "vs_trl = episodes/s over TRL's, same run; TRL takes "
+                               "rollout logprobs from generate() and steps policy and value in one backward"},
+                  quick=args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""TRL's PPOTrainer on given models and prompts; run by bench/peer_trl.py inside its own venv.
+
+    python bench/peer_trl_run.py SPEC.json OUT.json
+
+Needs only torch, transformers, datasets and trl (0.24, the last release that ships
+PPOTrainer). SPEC: the policy directory, prompt token ids, batch, minibatch, response
+length, iterations and threads. The policy's config makes EOS unreachable, so every
+response has exactly the response length, as on our side. OUT: seconds per iteration
+after the first (a warm-up), and the episodes per second they give.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+
+
+def main(spec_file: str, out_file: str) -> int:
+    spec = json.loads(open(spec_file).read())
+    import torch
+    torch.set_num_threads(spec["threads"])
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl import PPOConfig, PPOTrainer
+
+    class Clock(TrainerCallback):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.marks.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):  # one PPO iteration (rollout + update)
+            self.marks.append(time.perf_counter())
+
+    path, batch = spec["policy"], spec["batch_size"]
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    policy, ref = (AutoModelForCausalLM.from_pretrained(path) for _ in range(2))
+    # Value and reward models: the policy's body with a scalar head, as our critic and RM are.
+    value, reward = (AutoModelForSequenceClassification.from_pretrained(path, num_labels=1) for _ in range(2))
+    for m in (value, reward):
+        m.config.pad_token_id = tok.pad_token_id
+    data = Dataset.from_dict({"input_ids": spec["prompt_ids"]})
+    iterations = spec["iterations"] + 1  # the first is a warm-up
+    with tempfile.TemporaryDirectory() as out:
+        args = PPOConfig(
+            output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+            num_mini_batches=batch // spec["minibatch_size"], num_ppo_epochs=1,
+            response_length=spec["response_tokens"], total_episodes=batch * iterations,
+            stop_token=None, missing_eos_penalty=None, kl_coef=spec["kl_coef"], learning_rate=spec["lr"],
+            temperature=1.0, num_sample_generations=0, report_to=[], save_strategy="no",
+            logging_steps=10 ** 6, use_cpu=True, seed=0, dataloader_drop_last=True)
+        clock = Clock()
+        trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
+                             train_dataset=data, value_model=value, eval_dataset=data, callbacks=[clock])
+        trainer.train()
+    steps = [b - a for a, b in zip(clock.marks, clock.marks[1:])][1:]
+    result = {"trl_version": trl.__version__, "s_per_iteration": sum(steps) / len(steps),
+              "iterations": len(steps), "episodes": batch,
+              "rollout_forward_batch": args.local_rollout_forward_batch_size}
+    result["episodes_per_s"] = batch / result["s_per_iteration"]
+    open(out_file, "w").write(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(*sys.argv[1:3]))
