@@ -30,6 +30,7 @@ from rlhf.decoding import Decoding
 from rlhf.logprobs import RawLogprobs, prompt_logprobs
 from rlhf.models import load_policy
 
+
 @dataclass(frozen=True)
 class Row:
     """One sequence to generate."""

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +107,23 @@ def endpoint(tmp_path_factory) -> Endpoint:
         serve.shutdown()
         if started_ray:
             ray.shutdown()
+
+
+@contextmanager
+def side_app(endpoint: Endpoint, name: str, route: str, checkpoint, cfg, model_name: str, num_cpus: float = 1.0):
+    """Another application (`name`, at endpoint.url + route) on the package's Serve instance; yields its
+    URL once healthy and deletes it after."""
+    from ray import serve
+
+    from orchestration.serve.app import build_app
+
+    serve.run(build_app(checkpoint, cfg, model_name=model_name, num_cpus=num_cpus),
+              name=name, route_prefix=route, blocking=False)
+    try:
+        _wait_healthy(endpoint.url + route)
+        yield endpoint.url + route
+    finally:
+        serve.delete(name)
 
 
 @pytest.fixture(scope="package")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import _wait_healthy
+from .conftest import side_app
 
 pytestmark = pytest.mark.slow
 lm_eval = pytest.importorskip("lm_eval")
@@ -52,9 +52,6 @@ def _train_on_truthfulqa(out: Path) -> Path:
 @pytest.fixture(scope="module")
 def lm_endpoint(endpoint, tmp_path_factory):
     """A second application on the package's Serve instance, under /lm."""
-    from ray import serve
-
-    from orchestration.serve.app import build_app
     from rlhf.config import ServeConfig
 
     if not CSV.exists():
@@ -62,13 +59,8 @@ def lm_endpoint(endpoint, tmp_path_factory):
     ckpt = _train_on_truthfulqa(tmp_path_factory.mktemp("lm_eval") / "policy")
     port = int(endpoint.url.rsplit(":", 1)[1])
     cfg = ServeConfig(port=port, max_tokens_limit=32, max_batch_size=8, batch_wait_timeout_s=0.01)
-    serve.run(build_app(ckpt, cfg, model_name=MODEL), name="instructray-lm-eval", route_prefix="/lm",
-              blocking=False)
-    try:
-        _wait_healthy(endpoint.url + "/lm")
-        yield endpoint.url + "/lm/v1", ckpt
-    finally:
-        serve.delete("instructray-lm-eval")
+    with side_app(endpoint, "instructray-lm-eval", "/lm", ckpt, cfg, MODEL) as url:
+        yield url + "/v1", ckpt
 
 
 def _run(tasks_dir: Path, task: str, base_url: str, ckpt: Path) -> list[dict]:

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.e2e.conftest import TEXTS, _wait_healthy
+from tests.e2e.conftest import TEXTS, side_app
 
 pytestmark = pytest.mark.slow
 LONG = 900      # tokens a dropped stream asked for (the model's context is 1024)
@@ -24,9 +24,6 @@ CAPACITY = {"max_batch_size": 4, "max_ongoing_requests": 8, "max_queued_requests
 
 @pytest.fixture(scope="module")
 def endless(endpoint, tmp_path_factory):
-    from ray import serve
-
-    from orchestration.serve.app import build_app
     from rlhf.config import ServeConfig
     from rlhf.tiny import build_tiny_model, never_emit, train_tokenizer
 
@@ -37,14 +34,8 @@ def endless(endpoint, tmp_path_factory):
     tok.save_pretrained(folder)
     model.save_pretrained(folder)
     cfg = ServeConfig(max_tokens_limit=LONG, **CAPACITY)
-    serve.run(build_app(folder, cfg, model_name="endless", num_cpus=0.5),
-              name="instructray-endless", route_prefix="/endless", blocking=False)
-    url = endpoint.url + "/endless"
-    _wait_healthy(url)
-    try:
+    with side_app(endpoint, "instructray-endless", "/endless", folder, cfg, "endless", num_cpus=0.5) as url:
         yield url
-    finally:
-        serve.delete("instructray-endless")
 
 
 def _complete(url: str, max_tokens: int) -> tuple[float, dict]:

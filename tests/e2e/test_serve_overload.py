@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.e2e.conftest import _processes_naming, _wait_healthy
+from tests.e2e.conftest import _processes_naming, side_app
 
 CAPACITY = {"max_batch_size": 2, "max_ongoing_requests": 2, "max_queued_requests": 2, "retry_after_s": 2}
 CLIENTS = 40  # 10x what the replica and the proxy's queue take
@@ -25,20 +25,12 @@ BODY = {"model": "overload", "prompt": "the quick brown", "max_tokens": 32, "see
 
 @pytest.fixture(scope="module")
 def overloaded(endpoint):
-    from ray import serve
-
-    from orchestration.serve.app import build_app
     from rlhf.config import ServeConfig
 
     cfg = ServeConfig(max_tokens_limit=48, **CAPACITY)
-    serve.run(build_app(endpoint.checkpoint, cfg, model_name="overload", num_cpus=0.5),
-              name="instructray-overload", route_prefix="/overload", blocking=False)
-    url = endpoint.url + "/overload"
-    _wait_healthy(url)
-    try:
+    with side_app(endpoint, "instructray-overload", "/overload", endpoint.checkpoint, cfg, "overload",
+                  num_cpus=0.5) as url:
         yield url
-    finally:
-        serve.delete("instructray-overload")
 
 
 def _post(url: str) -> tuple[int, float, dict]:
