@@ -1,9 +1,9 @@
-"""Our PPO against TRL's PPOTrainer, the last PPO trainer of the Hugging Face stack, in the same run.
+"""Our PPO against TRL's PPOTrainer, the PPO trainer of the Hugging Face stack, in the same run.
 
     .venv/bin/python bench/peer_trl.py [--quick] [--presets tiny small]
 
-The first run creates bench/.venv-trl (CPU torch pinned as ours, trl==0.24.0, the last
-release that ships PPOTrainer, and our transformers version) and reuses it after. For
+The first run creates bench/.venv-trl (CPU torch pinned as ours, trl==0.24.0 with its
+top-level PPOTrainer, and our transformers version) and reuses it after. For
 each preset: the untrained policy of the preset's shape (bench.common.build_models, EOS
 unreachable so every response is exactly max_response_tokens long on both sides), the
 same prompts, batch, minibatch, response length, one PPO epoch, 2 threads, no ptx; then
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,12 @@ def trl_python() -> Path:
     return python
 
 
+def _trl_env() -> dict:
+    """Ours minus what would put our venv's packages on the TRL venv's path; offline."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return env | {"TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1"}
+
+
 def run_trl(cfg, policy: Path, prompt_ids: list[list[int]], iterations: int, threads: int) -> dict:
     p = cfg.ppo
     spec = {"policy": str(policy), "prompt_ids": prompt_ids, "batch_size": p.batch_size,
@@ -55,8 +62,7 @@ def run_trl(cfg, policy: Path, prompt_ids: list[list[int]], iterations: int, thr
         spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_file.write_text(json.dumps(spec))
         subprocess.run([str(trl_python()), str(REPO / "bench" / "peer_trl_run.py"), str(spec_file), str(out_file)],
-                       check=True, env={"TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1",
-                                        "PATH": "/usr/bin:/bin"})
+                       check=True, env=_trl_env())
         return json.loads(out_file.read_text())
 
 

@@ -2,9 +2,9 @@
 
     python bench/peer_trl_run.py SPEC.json OUT.json
 
-Needs only torch, transformers, datasets and trl (0.24, the last release that ships
-PPOTrainer). SPEC: the policy directory, prompt token ids, batch, minibatch, response
-length, iterations and threads. The policy's config makes EOS unreachable, so every
+Needs only torch, transformers, datasets and trl (0.24, with its top-level PPOTrainer).
+SPEC: the policy directory, prompt token ids, batch, minibatch, response length,
+iterations and threads. The policy's config makes EOS unreachable, so every
 response has exactly the response length, as on our side. OUT: seconds per iteration
 after the first (a warm-up), and the episodes per second they give.
 """
