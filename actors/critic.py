@@ -55,6 +55,9 @@ class CriticLearner(Learner):
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for part in exp.chunk(pieces):
+            if not len(part):  # a rank with fewer episodes than the group's busiest
+                self.idle_pass(lambda i, m: token_values(self.model, i, m), backward=True)
+                continue
             with self.compute():
                 v = token_values(self.model, part.input_ids, part.attention_mask)
             loss, stats = value_loss(v, part.old_values, part.returns, part.action_mask,

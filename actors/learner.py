@@ -101,21 +101,42 @@ class Learner(DistributedWorker):
         self._require_started()
         n = self.forward_batch_size
         chunks = list(zip(input_ids.split(n), attention_mask.split(n)))
-        extra = 0
-        if self.layout.sharded and self.world_size > 1:
-            most = torch.tensor([len(chunks)], device=self.device)
-            dist.all_reduce(most, op=dist.ReduceOp.MAX)
-            extra = int(most) - len(chunks)
+        extra = self.most(len(chunks)) - len(chunks)
         with self.compute():
             out = [fn(i.to(self.device), m.to(self.device)).cpu() for i, m in chunks]
             for _ in range(extra):
-                fn(input_ids[:1].to(self.device), attention_mask[:1].to(self.device))
+                fn(*self.throwaway_row())
         return torch.cat(out) if out else torch.zeros(input_ids.shape, dtype=torch.float32)
 
-    def micro_batches(self, rows: int) -> int:
-        """How many forward/backward passes a shard of `rows` episodes takes."""
-        mb = self.ppo.micro_batch_size
-        return max(1, math.ceil(rows / mb)) if mb else 1
+    def micro_batches(self, rows: int, per_piece: int | None = None) -> int:
+        """How many forward/backward passes a shard of `rows` rows takes at `per_piece` rows
+        each (default `ppo.micro_batch_size`, None there: one). Sharded, every rank runs the
+        busiest rank's count (its forwards are collectives); its extra pieces are empty."""
+        mb = per_piece or self.ppo.micro_batch_size
+        return self.most(max(1, math.ceil(rows / mb)) if mb else 1)
+
+    def most(self, count: int) -> int:
+        """The largest `count` over a sharded group (a collective); `count` itself otherwise."""
+        if not (self.layout.sharded and self.world_size > 1):
+            return count
+        t = torch.tensor([count], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+
+    def throwaway_row(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two tokens (ids, mask) for a sharded rank's forward with no rows of its own."""
+        return (torch.zeros((1, 2), dtype=torch.long, device=self.device),
+                torch.ones((1, 2), dtype=torch.long, device=self.device))
+
+    def idle_pass(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], backward: bool) -> None:
+        """A piece with no rows: sharded, the rank still runs a forward (and a backward that
+        adds 0 to its gradients) on a throwaway row, so the group's collectives stay in step."""
+        if not self.layout.sharded:
+            return
+        with torch.set_grad_enabled(backward), self.compute():
+            out = forward(*self.throwaway_row())
+        if backward:
+            self.backward(out.sum() * 0.0)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scaled(loss).backward()

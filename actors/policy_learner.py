@@ -104,15 +104,19 @@ class PolicyLearner(Learner):
         self._check_version(exp_shard.weight_version, version)
         coef = self.ppo.ptx_coef if ptx_coef is None else float(ptx_coef)
         exp = exp_shard.to(self.device)
-        b = ptx_shard.to(self.device) if ptx_shard is not None and len(ptx_shard) else None
+        b = ptx_shard.to(self.device) if ptx_shard is not None else None  # may be empty on this rank
         n_ppo, n_ptx = masked_count(exp.action_mask), masked_count(ptx_targets(b.loss_mask)) if b is not None else 0
         ppo_share, ptx_share = self.global_token_shares(n_ppo, n_ptx)
         pieces = self.micro_batches(len(exp))
         self.optimizer.zero_grad(set_to_none=True)
+        t = self.ppo.temperature
 
         # PPO: every piece's clipped loss backward; stats weighted by the piece's tokens.
         sums: dict[str, float] = {}
         for part in exp.chunk(pieces):
+            if not len(part):  # a rank with fewer episodes than the group's busiest
+                self.idle_pass(lambda i, m: token_logprobs(self.model, i, m, temperature=t), backward=True)
+                continue
             with self.compute():
                 logp, ent = token_logprobs(self.model, part.input_ids, part.attention_mask, with_entropy=True,
                                            temperature=self.ppo.temperature)
@@ -126,18 +130,23 @@ class PolicyLearner(Learner):
         ppo_sq = self.grads.capture()
 
         ptx_loss = float("nan")
+        ptx_mb = self.ppo.ptx_micro_batch_size  # None: the ptx rows split into the episodes' pieces
         if b is not None:
+            ptx_pieces = self.micro_batches(len(b), ptx_mb) if ptx_mb else pieces
             lm_sum = 0.0
-            for part in b.chunk(pieces):
+            for part in b.chunk(ptx_pieces):
+                if not len(part):  # as for the episodes
+                    self.idle_pass(lambda i, m: policy_logits(self.model, i, m), backward=coef != 0.0)
+                    continue
                 with torch.set_grad_enabled(coef != 0.0), self.compute():
                     # T = 1: the ptx loss trains the model as a language model, not the sampler.
                     lm = ptx_lm_loss(policy_logits(self.model, part.input_ids, part.attention_mask),
                                      part.input_ids, part.loss_mask)
-                w = masked_count(ptx_targets(part.loss_mask)) / n_ptx if n_ptx else 1.0 / pieces
+                w = masked_count(ptx_targets(part.loss_mask)) / n_ptx if n_ptx else 1.0 / ptx_pieces
                 if coef != 0.0:
                     self.backward(coef * lm * ptx_share * w)  # accumulates onto the PPO gradient in .grad
                 lm_sum += w * float(lm.detach())
-            ptx_loss = lm_sum
+            ptx_loss = lm_sum if len(b) else float("nan")
         # Measured from the buffers themselves: whatever ptx added, and nothing else.
         ptx_sq = self.grads.absorb()
 

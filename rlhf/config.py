@@ -216,9 +216,15 @@ class PPOConfig(_Section):
     engine: Literal["hf", "vllm"] = "hf"
     num_generators: int = Field(1, ge=1)
     num_learners: int = Field(1, ge=1)
+    # Ranks the frozen reference policy is sharded over (FSDP2, each scoring its share of a
+    # batch); more than 1 needs resources.strategy fsdp. A paper-size policy fits no one GPU.
+    num_reference_scorers: int = Field(1, ge=1)
     # Episodes per forward/backward on one learner rank (gradient accumulation within a
     # minibatch; its ptx rows split alike); None = the rank's whole share of the minibatch.
     micro_batch_size: int | None = Field(None, ge=1)
+    # Pretraining rows per forward/backward on one learner rank; None = as many pieces as
+    # its episodes take (micro_batch_size). Long ptx rows are a rank's largest activations.
+    ptx_micro_batch_size: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(10, ge=1)
     # Sample the next batch while the learners train on this one (off by default: the paper is
     # synchronous). The learners then train on rollouts up to max_staleness weight versions old
@@ -453,8 +459,16 @@ def check_geometry(cfg: Config, check_files: bool = True) -> list[tuple[str, str
     ppo, m = cfg.ppo, cfg.model
     if ppo.batch_size % ppo.minibatch_size:
         p.append(("ppo.minibatch_size", f"ppo.batch_size ({ppo.batch_size}) must be divisible by it"))
-    if ppo.minibatch_size % ppo.num_learners:
-        p.append(("ppo.num_learners", f"ppo.minibatch_size ({ppo.minibatch_size}) must be divisible by it"))
+    fsdp = cfg.resources.strategy == "fsdp"
+    # Under fsdp a group may have more ranks than rows, to shard a model over more GPUs: the
+    # ranks without a row run throwaway forwards, as sharded forwards are collectives.
+    if ppo.minibatch_size % ppo.num_learners and not (fsdp and ppo.num_learners > ppo.minibatch_size):
+        p.append(("ppo.num_learners", f"ppo.minibatch_size ({ppo.minibatch_size}) must be divisible by it"
+                  + ("" if fsdp else " (more ranks than episodes need resources.strategy: fsdp)")))
+    if ppo.num_reference_scorers > 1 and not fsdp:
+        p.append(("ppo.num_reference_scorers", "sharding the reference needs resources.strategy: fsdp"))
+    if ppo.ptx_micro_batch_size is not None and not (ppo.ptx_coef and ppo.ptx_ratio):
+        p.append(("ppo.ptx_micro_batch_size", "only read with ptx rows (ppo.ptx_coef and ppo.ptx_ratio > 0)"))
     if ppo.episodes < ppo.batch_size:
         p.append(("ppo.episodes", f"fewer than one batch of {ppo.batch_size} episodes"))
     if m.max_prompt_tokens + m.max_response_tokens > m.context_length:
@@ -475,8 +489,11 @@ def check_geometry(cfg: Config, check_files: bool = True) -> list[tuple[str, str
         p.append(("data.synthetic.k_min", f"greater than data.synthetic.k_max ({syn.k_max})"))
     for stage in ("sft", "ppo_init_sft", "rm", "pretrain"):
         sc = getattr(cfg, stage)
-        if sc.batch_size % sc.num_workers:
-            p.append((f"{stage}.num_workers", f"{stage}.batch_size ({sc.batch_size}) must be divisible by it"))
+        spread = fsdp and stage in ("sft", "ppo_init_sft") and sc.num_workers > sc.batch_size
+        if sc.batch_size % sc.num_workers and not spread:
+            p.append((f"{stage}.num_workers", f"{stage}.batch_size ({sc.batch_size}) must be divisible by it"
+                      + (" (more SFT workers than examples need resources.strategy: fsdp)"
+                         if stage in ("sft", "ppo_init_sft") else "")))
         elif sc.micro_batch_size and (sc.batch_size // sc.num_workers) % sc.micro_batch_size:
             p.append((f"{stage}.micro_batch_size", f"must divide a worker's share of {stage}.batch_size "
                       f"({sc.batch_size // sc.num_workers})"))

@@ -139,6 +139,35 @@ def test_fsdp_critic_step_equals_the_replica_step(dirs, fsdp_groups):
         assert _max_diff(params, one_params) < FSDP_TOL
 
 
+def test_fsdp_ranks_without_rows_keep_in_step_and_change_nothing(dirs, ray_local):
+    """More ranks than rows (a paper-size model sharded wider than its minibatch): one
+    episode and 3 ptx rows one at a time (ppo.ptx_micro_batch_size) over 2 ranks, so rank 0
+    has no episode and rank 1 one ptx piece fewer; each runs throwaway passes for what it
+    lacks, and the step is the replica's."""
+    tok = dirs["tok"]
+    ids, attn, act = (t[:1] for t in dirs["batch"])
+    ptx = _ptx(tok).select(slice(0, 3))
+    one, critic = _local(PolicyLearner, dirs["policy"]), _local(CriticLearner, dirs["rm"])
+    exp = _experience(ids, attn, act, one.logprobs(ids, attn), critic.values(ids, attn))
+    learners = _group(PolicyLearner, dirs["policy"], ptx_micro_batch_size=1)
+    critics = _group(CriticLearner, dirs["rm"])
+    try:
+        stats = ray.get(learners.call_sharded("train_minibatch", exp.chunk(2), ptx.chunk(2), ptx_coef=1.0))
+        ray.get(critics.call_sharded("train_minibatch", exp.chunk(2)))
+        assert [len(s) for s in exp.chunk(2)] == [0, 1] and [len(s) for s in ptx.chunk(2)] == [2, 1]
+        assert "loss" not in stats[0] and "loss" in stats[1]  # rank 0 had no episode to report on
+        one_stats = one.train_minibatch(exp, ptx, ptx_coef=1.0)
+        critic.train_minibatch(exp)
+        assert all(abs(s["grad_norm"] - one_stats["grad_norm"]) < 1e-5 * one_stats["grad_norm"] for s in stats)
+        for group, local in ((learners, one), (critics, critic)):
+            mine = {n: p.detach() for n, p in local.model.named_parameters()}
+            for params in _full_params(group):
+                assert _max_diff(params, mine) < FSDP_TOL
+    finally:
+        learners.shutdown()
+        critics.shutdown()
+
+
 @pytest.mark.parametrize("cls", [PolicyLearner, CriticLearner])
 def test_four_micro_batches_make_the_one_pass_update(dirs, cls):
     tok = dirs["tok"]
@@ -157,6 +186,19 @@ def test_four_micro_batches_make_the_one_pass_update(dirs, cls):
         if k in a:
             assert abs(a[k] - b[k]) < 1e-9, k  # token-weighted means over the pieces
     assert _max_diff(dict(whole.model.named_parameters()), dict(pieces.model.named_parameters())) < 1e-9
+
+
+def test_ptx_rows_one_at_a_time_make_the_one_pass_update(dirs):
+    tok = dirs["tok"]
+    whole = _local(PolicyLearner, dirs["policy"], "float64")
+    rows = _local(PolicyLearner, dirs["policy"], "float64", micro_batch_size=4, ptx_micro_batch_size=1)
+    ids, attn, act = dirs["batch"]
+    exp = _experience(ids, attn, act, whole.logprobs(ids, attn), torch.zeros(ids.shape, dtype=torch.float64))
+    a, b = whole.train_minibatch(exp, _ptx(tok), ptx_coef=1.0), rows.train_minibatch(exp, _ptx(tok), ptx_coef=1.0)
+    assert rows.micro_batches(len(_ptx(tok)), 1) == 8
+    assert abs(a["ptx_grad_norm"] - b["ptx_grad_norm"]) < 1e-9 * a["ptx_grad_norm"]
+    assert abs(a["ptx_loss"] - b["ptx_loss"]) < 1e-9
+    assert _max_diff(dict(whole.model.named_parameters()), dict(rows.model.named_parameters())) < 1e-9
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
