@@ -124,6 +124,24 @@ class DistributedWorker:
     def trained_module(self) -> torch.nn.Module:
         raise NotImplementedError
 
+    @property
+    def lockstep(self) -> bool:
+        """Whether every forward is a collective (a sharded model): ranks must run as many."""
+        return False
+
+    def most(self, count: int) -> int:
+        """The largest `count` over a lockstep group (a collective); `count` itself otherwise."""
+        if not self.lockstep:
+            return count
+        t = torch.tensor([count], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+
+    def throwaway_row(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two tokens (ids, mask) for a lockstep rank's forward with no rows of its own."""
+        return (torch.zeros((1, 2), dtype=torch.long, device=self.device),
+                torch.ones((1, 2), dtype=torch.long, device=self.device))
+
     @torch.no_grad()
     def broadcast_from_rank0(self) -> None:
         """Every rank starts from rank 0's exact weights (loading twice need not be bit-equal)."""

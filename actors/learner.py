@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from actors.group import BucketedGrads, DistributedWorker
 from actors.resources import configure_threads, pick_device
@@ -85,6 +84,10 @@ class Learner(DistributedWorker):
     def trained_module(self) -> torch.nn.Module:
         return self.model
 
+    @property
+    def lockstep(self) -> bool:
+        return self.layout.sharded and self.world_size > 1
+
     # ---- forwards -------------------------------------------------------------------
     def compute(self):
         """The context every forward runs in (autocast for 16-bit DDP)."""
@@ -115,23 +118,10 @@ class Learner(DistributedWorker):
         mb = per_piece or self.ppo.micro_batch_size
         return self.most(max(1, math.ceil(rows / mb)) if mb else 1)
 
-    def most(self, count: int) -> int:
-        """The largest `count` over a sharded group (a collective); `count` itself otherwise."""
-        if not (self.layout.sharded and self.world_size > 1):
-            return count
-        t = torch.tensor([count], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t)
-
-    def throwaway_row(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two tokens (ids, mask) for a sharded rank's forward with no rows of its own."""
-        return (torch.zeros((1, 2), dtype=torch.long, device=self.device),
-                torch.ones((1, 2), dtype=torch.long, device=self.device))
-
     def idle_pass(self, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], backward: bool) -> None:
         """A piece with no rows: sharded, the rank still runs a forward (and a backward that
         adds 0 to its gradients) on a throwaway row, so the group's collectives stay in step."""
-        if not self.layout.sharded:
+        if not self.lockstep:
             return
         with torch.set_grad_enabled(backward), self.compute():
             out = forward(*self.throwaway_row())

@@ -41,7 +41,7 @@ def actor_specs(cfg: Config, total_cpus: float) -> list[ActorSpec]:
     """Every PPO actor role; `total_cpus` is the cluster's (or the machine's, for a plan)."""
     p = cfg.ppo
     gpu = 1.0 if cfg.resources.num_gpus > 0 else 0.0
-    counts = {"generator": p.num_generators, "reward": 1, "reference": 1,
+    counts = {"generator": p.num_generators, "reward": 1, "reference": p.num_reference_scorers,
               "critic": p.num_learners, "learner": p.num_learners}
     cpus = cpu_share(sum(counts.values()), total_cpus)
     # One thread each, but the policy ranks share every core: the phases take turns, and in

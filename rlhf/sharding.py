@@ -139,15 +139,30 @@ def prepare(model: nn.Module, layout: TrainLayout, device: torch.device, world_s
     if layout.activation_checkpointing:
         checkpoint_activations(model)
     if layout.sharded:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        mesh = init_device_mesh(device.type, (world_size,))
-        policy = MixedPrecisionPolicy(param_dtype=layout.compute, reduce_dtype=torch.float32) \
-            if layout.mixed else MixedPrecisionPolicy()
-        for block in transformer_blocks(model):
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+        _shard(model, device, world_size, MixedPrecisionPolicy(param_dtype=layout.compute, reduce_dtype=torch.float32)
+               if layout.mixed else MixedPrecisionPolicy())
+    return model
+
+
+def shard_frozen(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    """A frozen model (a scorer) sharded over the default group for no-grad forwards: FSDP2
+    per block and root, weights kept in the dtype they were loaded in (no master copy)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    model.requires_grad_(False)
+    return _shard(model.to(device), device, world_size, MixedPrecisionPolicy())
+
+
+def _shard(model: nn.Module, device: torch.device, world_size: int, policy) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 

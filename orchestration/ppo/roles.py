@@ -143,7 +143,7 @@ class Scorer:
 
 
 class _Group:
-    """A trained role: a WorkerGroup whose ranks each take an even shard of a minibatch."""
+    """A role run by a WorkerGroup whose ranks each take an even shard of a batch."""
     role = ""
     file = ""  # its name in a checkpoint folder
 
@@ -178,6 +178,22 @@ class _Group:
 
     def shutdown(self) -> None:
         self.group.shutdown()
+
+
+class ShardedScorer(_Group):
+    """A frozen role held by a group (the reference: sharded when it has several ranks), each
+    rank scoring an even share; a lost rank breaks the group's collectives, so all are replaced
+    (from disk) and the call retried."""
+
+    def __init__(self, role: str, method: str, faults: FaultHandler, make: Callable[[], WorkerGroup]):
+        self.role, self.method = role, method
+        super().__init__(faults, make)
+
+    def __call__(self, rollout: Rollout) -> Call:
+        return self._forward(self.method, rollout)
+
+    def restart(self, _: int = 0) -> None:
+        self.fresh()
 
 
 class Learners(_Group):

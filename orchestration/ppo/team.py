@@ -5,7 +5,7 @@ what `--dry-run` prints) and wires their restarts into one `FaultHandler`:
 
   generator          frozen between syncs: recreated, synced to the CURRENT weight
                      version, its shard retried with the same seed
-  reward, reference  frozen: recreated from disk, the call retried
+  reward, reference  frozen: recreated from disk (the reference group whole), the call retried
   critic             trained: recreated at the last checkpoint's state, the calls
                      since replayed (`roles.Critics`), the call retried
   learner            the policy group: `rewind` puts the run back at the last
@@ -33,7 +33,7 @@ from actors import (CriticLearner, PolicyLearner, ReferenceScorer, RewardScorer,
                     WorkerGroup, actor_class)
 from orchestration.ppo import checkpoints
 from orchestration.ppo.faults import ActorLost, FaultHandler
-from orchestration.ppo.roles import Critics, Generators, Learners, Scorer
+from orchestration.ppo.roles import Critics, Generators, Learners, Scorer, ShardedScorer
 from orchestration.ppo.weight_sync import make_sync
 from orchestration.rundir import StageDir
 from rlhf.config import Config
@@ -73,11 +73,11 @@ class ActorTeam:
                                      sleeps=cfg.resources.colocate)
         self.reward = Scorer("reward", "score", self.faults, lambda: self._actor(
             RewardScorer, "reward", 0, self.reward_model, dtype=cfg.model.dtype))
-        self.reference = Scorer("reference", "logprobs", self.faults, lambda: self._actor(
-            ReferenceScorer, "reference", 0, self.policy, temperature=self.p.temperature,
-            dtype=cfg.model.dtype))
-        self.critics = Critics(self.faults, lambda: self._group(CriticLearner, "critic", self.reward_model))
-        self.learners = Learners(self.faults, lambda: self._group(PolicyLearner, "learner", self.policy))
+        self.reference = ShardedScorer("reference", "logprobs", self.faults, lambda: self._group(
+            ReferenceScorer, "reference", self.policy, temperature=self.p.temperature, dtype=cfg.model.dtype))
+        trains = dict(ppo=self.p, optimizer=cfg.optimizer, seed=cfg.run.seed, layout=TrainLayout.of(cfg))
+        self.critics = Critics(self.faults, lambda: self._group(CriticLearner, "critic", self.reward_model, **trains))
+        self.learners = Learners(self.faults, lambda: self._group(PolicyLearner, "learner", self.policy, **trains))
         self._weight_sync = self._make_sync()
         self.last_sync: dict = {}
 
@@ -128,12 +128,11 @@ class ActorTeam:
             kw |= colocated_kwargs(COLOCATED_GPU_MEMORY_UTILIZATION)
         return kw
 
-    def _group(self, cls: type, role: str, path: str) -> WorkerGroup:
+    def _group(self, cls: type, role: str, path: str, **kwargs) -> WorkerGroup:
         count = self.specs[role].count
         ranks = [dict(num_cpus=c, num_gpus=g, **options) for c, g, options in
                  (self._seat(role, i) for i in range(count))]
-        return WorkerGroup(cls, count, path, rank_options=ranks, ppo=self.p, optimizer=self.cfg.optimizer,
-                           seed=self.cfg.run.seed, layout=TrainLayout.of(self.cfg), **self._common(role))
+        return WorkerGroup(cls, count, path, rank_options=ranks, **self._common(role), **kwargs)
 
     def _make_sync(self):
         """The learner -> generators broadcast; colocated vLLM engines share the learner's GPU,
@@ -202,7 +201,7 @@ class ActorTeam:
     def handles(self, role: str) -> list:
         """The live actor handles of a role (tests use them to kill processes)."""
         return {"generator": lambda: list(self.generators.actors), "reward": lambda: [self.reward.actor],
-                "reference": lambda: [self.reference.actor], "critic": lambda: list(self.critics.actors),
+                "reference": lambda: list(self.reference.actors), "critic": lambda: list(self.critics.actors),
                 "learner": lambda: list(self.learners.actors)}[role]()
 
     def shutdown(self) -> None:

@@ -1,7 +1,8 @@
 """The PPO learners under each TrainLayout (rlhf/sharding.py), on real gloo groups of Ray actors.
 
 - fsdp: 2 ranks of FSDP2 shards make the same PPO-ptx (and value) step as one full
-  replica, within float32 summation-order noise;
+  replica, within float32 summation-order noise, also with a rank that has no rows;
+  a reference sharded over 2 ranks scores as the whole one;
 - micro-batches: 4 forward/backward pieces make the same step as 1 (float64, 1e-9);
 - bf16: DDP (autocast) and FSDP (MixedPrecisionPolicy) steps are finite, keep float32
   master weights and start at ratio ~1;
@@ -21,11 +22,13 @@ import torch
 from actors.critic import CriticLearner
 from actors.group import WorkerGroup
 from actors.policy_learner import PolicyLearner
+from actors.reference_scorer import ReferenceScorer
 from actors.weight_sync import resolve_buckets, unpack_buckets
 from rlhf.collate import lm_batch, pack_text
 from rlhf.config import OptimizerConfig, PPOConfig
 from rlhf.experience import Experience
 from rlhf.models import load_policy
+from rlhf import sharding
 from rlhf.sharding import TrainLayout
 
 pytestmark = pytest.mark.slow
@@ -166,6 +169,26 @@ def test_fsdp_ranks_without_rows_keep_in_step_and_change_nothing(dirs, ray_local
     finally:
         learners.shutdown()
         critics.shutdown()
+
+
+def test_a_sharded_reference_scores_as_the_whole_one(dirs, ray_local):
+    """ppo.num_reference_scorers = 2: each rank holds half the weights and scores its share;
+    3 rows in forwards of 1 leave rank 1 a forward short, which it runs on a throwaway row."""
+    ids, attn, _ = (t[:3] for t in dirs["batch"])
+    whole = ReferenceScorer(dirs["policy"], num_threads=1, device="cpu", batch_size=1, temperature=0.7)
+    group = WorkerGroup(ReferenceScorer, 2, dirs["policy"], num_cpus=CPU, num_threads=1, device="cpu",
+                        batch_size=1, temperature=0.7)
+    try:
+        group.wait_ready()  # sharded; after a forward FSDP2 keeps the root gathered (its next use)
+        count = lambda r: sum(sharding.local(p).numel() for p in r.model.parameters())  # noqa: E731
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
+        held = ray.get([w.__ray_call__.remote(count) for w in group.workers])
+        assert all(n < 0.6 * count(whole) for n in held), (held, count(whole))
+        shards = ray.get(group.call_sharded("logprobs", ids.chunk(2), attn.chunk(2)))
+        assert [len(s) for s in shards] == [2, 1]
+        torch.testing.assert_close(torch.cat(shards), whole.logprobs(ids, attn), atol=1e-6, rtol=0)
+    finally:
+        group.shutdown()
 
 
 @pytest.mark.parametrize("cls", [PolicyLearner, CriticLearner])
