@@ -154,7 +154,7 @@ def _learner_hint(cfg: Config, group: str, workers_field: str, mb_field: str, ac
         steps.append(f"use resources.strategy=fsdp to shard weights, gradients and Adam over the {group}")
     else:
         steps.append(f"raise {workers_field} (more ranks to shard over"
-                     + ("; each also scores a smaller share of the batch)" if workers_field.startswith("ppo") else ")"))
+                     + ("; each also scores a smaller share of the batch)" if workers_field.startswith("ppo.") else ")"))
     if cfg.model.dtype == "float32":
         steps.append("model.dtype=bfloat16")
     if activations and not r.activation_checkpointing:
@@ -170,12 +170,12 @@ def ppo_roles(cfg: Config, policy: mm.ModelShape, value: mm.ModelShape) -> list[
     p, m, r = cfg.ppo, cfg.model, cfg.resources
     specs = {s.role: s for s in actor_specs(cfg, total_cpus=1.0)}
     n = p.num_learners
-    mb = p.micro_batch_size or p.minibatch_size // n
+    mb, ptx_rows = learner_pieces(cfg)
     seq = m.max_prompt_tokens + m.max_response_tokens
     c = mm.dtype_bytes(m.dtype)
     cuda = r.num_gpus > 0
     runtime = mm.CUDA_RUNTIME_BYTES if cuda else 0.0
-    ptx = [(p.ptx_ratio * mb, cfg.ptx_block_tokens, "lm", False)] if p.ptx_coef and p.ptx_ratio else []
+    ptx = [(ptx_rows, cfg.ptx_block_tokens, "lm", False)] if ptx_rows else []
     scoring_rows = learner_scoring_rows(cfg)
     group = ("policy and critic groups", "ppo.num_learners", "ppo.micro_batch_size")
     roles = [
@@ -185,28 +185,48 @@ def ppo_roles(cfg: Config, policy: mm.ModelShape, value: mm.ModelShape) -> list[
         # fsdp); an EMA copy in float32 (sharded alike).
         trained_role(cfg, Training(policy, "lm", n, [(mb, seq, "logprobs", True), *ptx], 2, 1, ema=True,
                                    scoring_rows=scoring_rows, scoring_seq=seq),
-                     "learner", specs["learner"].title, n, *group),
+                     "learner", specs["learner"].title, n, group[0], group[1],
+                     "ppo.micro_batch_size" + (" or ppo.ptx_micro_batch_size" if ptx else "")),
         # The critic (initialised from the RM): .grad plus the flat buckets, as the policy.
         trained_role(cfg, Training(value, "scalar", n, [(mb, seq, "scalar", True)], 2, 1,
                                    scoring_rows=scoring_rows, scoring_seq=seq),
                      "critic", specs["critic"].title, n, *group),
     ]
-    # Frozen scorers hold their whole model on their one GPU, in model.dtype, and score the
-    # batch SCORING_ROWS rows at a time.
+    # Frozen scorers hold their model in model.dtype: the reward model whole on one GPU, the
+    # reference over ppo.num_reference_scorers (sharded: 1/k each plus the gathered root and two
+    # blocks); each scores its share of the batch SCORING_ROWS rows at a time.
     for role, shape, head in (("reward", value, "scalar"), ("reference", policy, "lm")):
+        k = specs[role].count
         keeps_kv = head == "lm" and CAUSAL_LM_FORWARD_KEEPS_KV
-        w = c * shape.params(head)
-        act = mm.inference_bytes(shape, SCORING_ROWS, seq, c, head, keeps_kv)
-        hint = (f"a frozen model is held whole on one GPU and scores {SCORING_ROWS} rows at a time"
-                + (f" ({2 * shape.layers * c * SCORING_ROWS * seq * shape.hidden / mm.GB:.1f} GB of it the "
-                   "KV cache HF keeps because rlhf.forward leaves use_cache on)" if keeps_kv else "")
-                + (": model.dtype=bfloat16" if c == mm.FP32 else ": a smaller model")
-                + " (sharding a scorer over GPUs is not implemented)")
-        blame = "model.dtype" if c == mm.FP32 else "model.reward" if role == "reward" and m.reward else "model.policy"
-        roles.append(RoleMemory(role, specs[role].title, 1, w, 0.0, 0.0, act, 0.0, runtime, "score",
+        rows = min(SCORING_ROWS, -(-p.batch_size // k))
+        w = c * shape.params(head) / k + (c * (shape.root_params(head) + 2 * shape.block_params()) if k > 1 else 0)
+        act = mm.inference_bytes(shape, rows, seq, c, head, keeps_kv)
+        if role == "reference":
+            hint = "raise ppo.num_reference_scorers (ranks the reference is sharded over)" \
+                + (", or model.dtype=bfloat16" if c == mm.FP32 else "")
+            blame = "model.dtype" if c == mm.FP32 else "ppo.num_reference_scorers"
+        else:
+            hint = (f"the reward model is held whole on one GPU and scores {rows} rows at a time"
+                    + (": model.dtype=bfloat16" if c == mm.FP32 else ": a smaller model"))
+            blame = "model.dtype" if c == mm.FP32 else "model.reward" if m.reward else "model.policy"
+        roles.append(RoleMemory(role, specs[role].title, k, w, 0.0, 0.0, act, 0.0, runtime, "score",
                                 hint, blame, {"score": w + act + runtime, "idle": w + runtime}))
     roles.append(generator_role(cfg, policy, specs["generator"].count, specs["generator"].title))
     return roles
+
+
+def learner_pieces(cfg: Config) -> tuple[int, int]:
+    """(episodes, ptx rows) in a policy learner rank's largest forward/backward: its share of a
+    minibatch (at least one episode) cut by `ppo.micro_batch_size`, its ptx rows by
+    `ppo.ptx_micro_batch_size` or into as many pieces as its episodes (actors/policy_learner.py)."""
+    p = cfg.ppo
+    share = -(-p.minibatch_size // p.num_learners)
+    mb = min(p.micro_batch_size or share, share)
+    if not (p.ptx_coef and p.ptx_ratio):
+        return mb, 0
+    ptx_share = -(-p.ptx_ratio * p.minibatch_size // p.num_learners)
+    per_piece = p.ptx_micro_batch_size or -(-ptx_share // -(-share // mb))
+    return mb, min(per_piece, ptx_share)
 
 
 def learner_scoring_rows(cfg: Config) -> int:
@@ -274,7 +294,7 @@ def stage_roles(cfg: Config, policy: mm.ModelShape, value: mm.ModelShape) -> lis
         if not sc.enabled:
             continue
         n = sc.num_workers
-        mb = sc.micro_batch_size or sc.batch_size // n
+        mb = sc.micro_batch_size or max(1, sc.batch_size // n)  # more workers than examples: one each
         if stage == "pretrain":
             passes, shape, head, dropout = [(mb, sc.seq_len, "lm", False)], policy, "lm", False
         elif stage == "rm":

@@ -156,8 +156,12 @@ def train_loop(ctx: harness.WorkerContext, section: str, base: str) -> dict:
             ptx_idx = harness.stream_batch(len(blocks), n_ptx, cfg.run.seed, state.step) if n_ptx else []
             parts = micro_parts(ctx, train, blocks, idx, ptx_idx, sc.micro_batch_size, pad)
             totals = sft_totals(ctx, parts)
+            # More workers than examples (fsdp only): a worker with none runs a throwaway pass.
+            idle = not any(len(d) + len(p) for d, p in parts)
+            filler = (collate_encoded([train[idx[0]]], pad).to(ctx.device), lm_batch(blocks[:0]).to(ctx.device)) \
+                if idle else None
             sums = trainer.accumulate(parts, lambda p: sft_part_loss(ctx, model, *p, totals),
-                                       size=lambda p: len(p[0]) + len(p[1]))
+                                       size=lambda p: len(p[0]) + len(p[1]), filler=filler)
             stats = sft_stats(ctx, totals, sums)
             lr = trainer.scheduler.get_last_lr()[0]
             grad_norm = trainer.step(cfg.optimizer.max_grad_norm)

@@ -57,7 +57,7 @@ class Trainer:
         return sharding.is_sharded(self.model)
 
     def accumulate(self, parts: Sequence, loss_fn: Callable[[Any], tuple[torch.Tensor, Any]],
-                   size: Callable[[Any], int] = len) -> list:
+                   size: Callable[[Any], int] = len, filler: Any = None) -> list:
         """Forward and backward each micro-batch; gradients sum over them. Returns the parts' stats.
 
         `loss_fn(part) -> (loss, stats)` runs under the compute context; the loss must
@@ -66,10 +66,11 @@ class Trainer:
         its sharded gradients (a no-sync there would keep full-size gradients). A part
         of `size` 0 (`micro_batches`: a worker with fewer items than micro-batches) runs
         the first non-empty part again with its loss times 0, so that the workers'
-        collectives stay in step; its stats are dropped.
+        collectives stay in step; its stats are dropped. A worker with no items at all
+        (more workers than a batch has examples) runs `filler` so.
         """
         ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
-        filler = next((p for p in parts if size(p)), None)
+        filler = next((p for p in parts if size(p)), filler)
         out = []
         for i, part in enumerate(parts):
             last, empty = i == len(parts) - 1, not size(part)

@@ -6,7 +6,8 @@ run directory, so the ~15 s process start-up is paid once; the tests then compar
 the variants' metrics and saved HF directories:
 
 - FSDP2 against DDP (float32): the same per-step loss and gradient norm, and the same
-  final weights to within FSDP_ATOL. Adam's update ignores a uniform gradient scale,
+  final weights to within FSDP_ATOL; also FSDP2 over more workers than a batch has
+  examples against one worker. Adam's update ignores a uniform gradient scale,
   so the gradient norm is what catches a mis-weighted loss.
 - 4 micro-batches against 1 (also an uneven SFT split with empty micro-batches, FSDP):
   the same, to within MICRO_RTOL / MICRO_ATOL (float32, other summation order).
@@ -60,6 +61,8 @@ RUNS = {
     "sft_uneven": ("sft", ["sft.ptx_fraction=0.2"], None),
     "sft_uneven_fsdp_micro": ("sft", ["sft.ptx_fraction=0.2", "resources.strategy=fsdp",
                                       "sft.micro_batch_size=1"], None),
+    # batch 1 over 2 workers: one holds the example, the other runs a throwaway pass
+    "sft_spread_fsdp": ("sft", ["resources.strategy=fsdp", "sft.batch_size=1"], None),
     "sft_bf16_fsdp": ("sft", ["resources.strategy=fsdp", "model.dtype=bfloat16",
                               "resources.activation_checkpointing=true"], None),
     "sft_bf16_ddp": ("sft", ["model.dtype=bfloat16", "resources.activation_checkpointing=true"], None),
@@ -177,6 +180,18 @@ def test_fsdp_step_matches_ddp(variants, stage):
         for name in s_ddp["valid"]:
             assert s_fsdp["valid"][name]["accuracy"] == pytest.approx(s_ddp["valid"][name]["accuracy"], abs=1e-9)
         assert s_fsdp["reward_bias"] == pytest.approx(s_ddp["reward_bias"], abs=1e-5)
+
+
+def test_more_fsdp_workers_than_examples_train_as_one_worker(variants, tiny_config):
+    """sft.num_workers > sft.batch_size (a paper-size SFT sharded wider than its batch of 8):
+    the idle worker's pass adds nothing, and the run is one worker's on the same batches."""
+    root, _ = variants
+    one = _config(tiny_config, root, "sft.batch_size=1", "sft.num_workers=1")
+    harness.prepare_stage_dir(StageDir(root, "sft_spread_one"), resume=False)
+    harness.run_local(one, "sft_spread_one", sft.train_loop, section="sft", base=pretrain.base_model(one))
+    _same_curves(root, "sft_spread_one", "sft_spread_fsdp", ["loss", "grad_norm"], rtol=1e-6, atol=FSDP_ATOL)
+    assert len(_rows(root, "sft_spread_fsdp")) > 50
+    assert _max_weight_diff(root, "sft_spread_one", "sft_spread_fsdp") <= FSDP_ATOL < _moved(root, "sft_spread_one") / 100
 
 
 def test_sharded_model_exports_a_plain_hf_directory(variants):

@@ -199,15 +199,27 @@ def test_async_settings_without_async_rollouts_are_refused(override):
     load_config("tiny", [override, "ppo.async_rollouts=true"])
 
 
-@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=(
-    "the memory plan refuses 175B: a whole-model reference scorer and 8-rank SFT need tensor "
-    "parallelism, not implemented (docs/memory_plan.md)"))) if "175b" in p.name else p for p in PRESETS],
-    ids=lambda p: p.stem)
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_each_preset_prints_its_plan_and_is_trainable(preset, capsys):
     assert cli.main(["run", str(preset), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"config: {preset}" in out and "PPO batch geometry" in out and "config error" not in out
     assert check_trainable(load_config(preset)) == []
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["ppo.num_learners=64", "ppo.minibatch_size=32"], "ppo.num_learners"),       # ddp: ranks idle for nothing
+    (["ppo.num_reference_scorers=2"], "ppo.num_reference_scorers"),
+    (["sft.num_workers=16", "sft.batch_size=8"], "sft.num_workers"),
+    (["rm.num_workers=16", "rm.batch_size=8", "resources.strategy=fsdp"], "rm.num_workers"),
+    (["ppo.ptx_micro_batch_size=2", "ppo.ptx_coef=0"], "ppo.ptx_micro_batch_size"),
+])
+def test_sharding_wider_than_the_rows_needs_fsdp(overrides, field):
+    """More ranks than rows, and a sharded reference, only under fsdp (SFT stages and PPO
+    groups); ptx pieces only with ptx rows."""
+    assert field in _error("tiny", overrides)
+    if field != "ppo.ptx_micro_batch_size" and not field.startswith("rm."):
+        load_config("tiny", overrides + ["resources.strategy=fsdp"])
 
 
 def test_serve_takes_host_and_port_flags_like_other_servers(capsys):

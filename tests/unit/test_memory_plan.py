@@ -150,9 +150,7 @@ def test_state_arithmetic_of_a_6b_model():
 @pytest.mark.parametrize("preset", [
     "instructgpt-1.3b",
     "instructgpt-6b",
-    pytest.param("instructgpt-175b", marks=pytest.mark.xfail(strict=True, reason=(
-        "a 175B reference on one GPU, and 8 ptx rows' activations per learner rank, need model "
-        "parallelism (tensor/sequence) or sharded scorers, which are not implemented"))),
+    "instructgpt-175b",
 ])
 def test_each_paper_preset_fits_80gb_gpus(preset):
     cfg = _preset(preset)
@@ -175,6 +173,21 @@ def test_a_layout_that_does_not_fit_is_refused_naming_the_role(overrides, role, 
         require_trainable(cfg)  # training is what would not fit
     line = next(line for line in str(e.value).splitlines() if f"{role} needs " in line)
     assert f": {field} = " in line and " GB over the " in line and " GB GPU" in line
+
+
+@pytest.mark.parametrize("override, role", [
+    ("ppo.num_reference_scorers=4", "reference scorer"),
+    ("ppo.num_learners=64", "policy learner"),
+    ("sft.num_workers=32", "SFT trainer"),
+])
+def test_175b_fits_only_sharded_that_wide(override, role):
+    """The 175B layout's sharding is what makes it fit: a quarter of the reference's ranks,
+    half the learners (the paper's one episode per rank) or half the SFT workers do not."""
+    cfg = load_config("instructgpt-175b", [override])
+    with pytest.raises(ConfigError) as e:
+        require_trainable(cfg)
+    line = next(line for line in str(e.value).splitlines() if f"{role} needs " in line)
+    assert line.startswith(f"command line: {override.replace('=', ' = ')}: ")
 
 
 def test_cpu_runs_have_no_gpu_budget():
