@@ -119,7 +119,7 @@ class PolicyLearner(Learner):
                 continue
             with self.compute():
                 logp, ent = token_logprobs(self.model, part.input_ids, part.attention_mask, with_entropy=True,
-                                           temperature=self.ppo.temperature)
+                                           temperature=t)
             loss, stats = policy_loss(logp, part.old_logprobs, part.advantages, part.action_mask,
                                       clip=self.ppo.clip_ratio, weights=part.behaviour_weights)
             w = masked_count(part.action_mask) / n_ppo if n_ppo else 1.0 / pieces
