@@ -25,24 +25,45 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import print_table, write_results  # noqa: E402
 from orchestration import stage_data  # noqa: E402
-from orchestration.rundir import StageDir, read_metrics  # noqa: E402
-from orchestration.stages import harness, pretrain, rm, sft  # noqa: E402
+from orchestration.rundir import StageDir  # noqa: E402
+from orchestration.stages import checkpointing, harness, pretrain, rm, sft, training  # noqa: E402
+from rlhf.collate import collate_rankings  # noqa: E402
 from rlhf.config import load_config  # noqa: E402
+from rlhf.forward import policy_logits  # noqa: E402
 from rlhf.models import ScalarModel, load_policy  # noqa: E402
 
-# Part of the step -> the functions whose cumulative time it is (file suffix, function name).
+# Part of the step -> the functions whose cumulative time it is.
 PARTS = {
-    "forward": [("rlhf/forward.py", "policy_logits"), ("orchestration/stages/rm.py", "rm_scores")],
-    "backward": [("torch/_tensor.py", "backward")],
-    "optimizer step": [("orchestration/stages/training.py", "optimizer_step")],
-    "batch building": [("orchestration/stages/sft.py", "micro_parts"), ("rlhf/collate.py", "collate_rankings")],
-    "checkpoints": [("orchestration/stages/checkpointing.py", "save_checkpoint")],
-    "progress and metrics": [("orchestration/stages/training.py", "step")],
+    "forward": [policy_logits, rm.rm_scores],
+    "backward": [torch.Tensor.backward],
+    "optimizer step": [training.optimizer_step],
+    "batch building": [sft.micro_parts, collate_rankings],
+    "checkpoints": [checkpointing.save_checkpoint],
+    "progress and metrics": [training.Progress.step],
 }
 
 
-def cumulative(stats: pstats.Stats, suffix: str, name: str) -> float:
-    return sum(v[3] for (file, _, func), v in stats.stats.items() if file.endswith(suffix) and func == name)
+def cumulative(stats: pstats.Stats, fn) -> float:
+    code = fn.__code__
+    return sum(v[3] for (file, line, name), v in stats.stats.items()
+               if file == code.co_filename and line == code.co_firstlineno and name == code.co_name)
+
+
+class TokenCount:
+    """Attended tokens of every step, as the loop reports them to its progress bar."""
+
+    def __init__(self) -> None:
+        self.total, self._step = 0.0, training.Progress.step
+
+    def __enter__(self):
+        def step(progress, step, tokens, **metrics):
+            self.total += tokens
+            return self._step(progress, step, tokens, **metrics)
+        training.Progress.step = step
+        return self
+
+    def __exit__(self, *exc) -> None:
+        training.Progress.step = self._step
 
 
 def main() -> None:
@@ -58,7 +79,8 @@ def main() -> None:
                                "sft.select_by_rm=false", "data.synthetic.policy_comparisons=0",
                                f"data.synthetic.{count}={args.examples}", *args.overrides])
     stage_data.materialise(cfg)
-    harness.run_local(cfg, "pretrain", pretrain.train_loop)
+    harness.prepare_stage_dir(StageDir(out, "pretrain"), resume=False)
+    harness.run_local(cfg, "pretrain", pretrain.train_loop, base=str(pretrain.ensure_tiny_base(cfg)))
     base = pretrain.base_model(cfg)
     if args.stage == "rm":  # the RM starts from the SFT model, as in the pipeline
         harness.run_local(cfg, "sft", sft.train_loop, section="sft", base=base)
@@ -69,17 +91,18 @@ def main() -> None:
 
     profile, start = cProfile.Profile(), time.perf_counter()
     profile.enable()
-    summary = harness.run_local(cfg, args.stage, loop, **kwargs)
+    with TokenCount() as count:
+        summary = harness.run_local(cfg, args.stage, loop, **kwargs)
     profile.disable()
     wall = time.perf_counter() - start
     stats = pstats.Stats(profile)
 
     steps = summary["steps"]
-    rows = [{"part": part, "s": sum(cumulative(stats, f, n) for f, n in fns)} for part, fns in PARTS.items()]
+    rows = [{"part": part, "s": sum(cumulative(stats, fn) for fn in fns)} for part, fns in PARTS.items()]
     rows.append({"part": "rest (data loading, validation, saving, setup)", "s": wall - sum(r["s"] for r in rows)})
     for r in rows:
         r |= {"ms per step": 1e3 * r["s"] / steps, "share": r["s"] / wall}
-    tokens = sum(r.get("tokens", 0.0) for r in read_metrics(StageDir(out, args.stage).metrics_file))
+    tokens = count.total
     final = StageDir(out, args.stage).final
     model = load_policy(final) if args.stage == "sft" else ScalarModel.from_pretrained(final)
     params = sum(p.numel() for p in model.parameters())
