@@ -479,11 +479,13 @@ def check_geometry(cfg: Config, check_files: bool = True) -> list[tuple[str, str
     if m.policy == "tiny" and m.tiny.n_embd % m.tiny.n_head:
         p.append(("model.tiny.n_head", f"model.tiny.n_embd ({m.tiny.n_embd}) must be divisible by it"))
     if cfg.resources.num_gpus:
-        from rlhf.placement import gpus_needed  # placement reads Config: imported late
+        from rlhf.placement import actor_specs, gpus_needed  # placement reads Config: imported late
         need = gpus_needed(cfg)
         if need > cfg.resources.num_gpus:
-            p.append(("resources.num_gpus", f"the PPO actor groups need {need} GPUs "
-                      "(see --dry-run); add GPUs or reduce the groups"))
+            roles = ", ".join(f"{s.title} {s.total_gpus:g}" for s in actor_specs(cfg, total_cpus=1.0))
+            p.append(("resources.num_gpus", f"the PPO actor groups need {need} GPUs ({roles}"
+                      f"{'; colocated, the largest sets the count' if cfg.resources.colocate else ''}): "
+                      "add GPUs or reduce the groups"))
     syn = cfg.data.synthetic
     if syn.k_min > syn.k_max:
         p.append(("data.synthetic.k_min", f"greater than data.synthetic.k_max ({syn.k_max})"))

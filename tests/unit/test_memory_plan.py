@@ -190,6 +190,14 @@ def test_175b_fits_only_sharded_that_wide(override, role):
     assert line.startswith(f"command line: {override.replace('=', ' = ')}: ")
 
 
+def test_too_few_gpus_are_refused_with_each_role_counted():
+    with pytest.raises(ConfigError) as e:
+        load_config("instructgpt-175b", ["resources.num_gpus=300"])
+    msg = str(e.value)
+    assert "resources.num_gpus = 300" in msg and "need 401 GPUs" in msg
+    assert "reference scorer 16" in msg and "policy learner 128" in msg and "rollout generator 128" in msg
+
+
 def test_cpu_runs_have_no_gpu_budget():
     cfg = load_config("tiny", ["resources.gpu_memory_gb=0.001"])  # loads: no GPU, nothing to refuse
     assert memory_plan(cfg).problems()  # the plan itself still says it would not fit
