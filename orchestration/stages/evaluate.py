@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 TEMPERATURE = 1.0
 CONFIDENCE = 0.95
 SFT, PPO, PPO_PTX = "SFT", "PPO", "PPO-ptx"
+SAMPLES, BLOCK_LOSSES = "samples.jsonl", "block_losses.json"  # in <run>/eval/
 
 
 @dataclasses.dataclass
@@ -263,6 +264,10 @@ def ptx_effect(evals: dict[str, PolicyEval], data: HeldOut) -> dict | None:
 
 
 def _write_samples(path: Path, data: HeldOut, evals: dict[str, PolicyEval]) -> None:
+    """Every sampled row of every policy, and (beside it) each policy's loss on each held-out
+    text block: what paired comparisons across runs (`instructray reproduce`) resample."""
+    blocks = {name: e.block_losses for name, e in evals.items()}
+    (path.parent / BLOCK_LOSSES).write_text(json.dumps(blocks))
     with open(path, "w") as f:
         for i, prompt in enumerate(data.prompts):
             rec = {"prompt": prompt}
@@ -326,7 +331,7 @@ def run_eval(cfg: Config) -> dict:
         results["truthfulqa"] = truthfulqa.evaluate(cfg, found, device, dtype)
     out_dir = cfg.output_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_samples(out_dir / "samples.jsonl", data, evals)
+    _write_samples(out_dir / SAMPLES, data, evals)
     tmp = out_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2))
     tmp.replace(out_dir / "results.json")
