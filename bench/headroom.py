@@ -27,29 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import print_table, write_results  # noqa: E402
+from orchestration.reproduce.measures import draw_scored  # noqa: E402
 from rlhf.evaluation import win_rate  # noqa: E402
-from rlhf.models import ScalarModel, load_policy, load_tokenizer  # noqa: E402
-from rlhf.sampling import decode_responses, sample_and_score  # noqa: E402
-from rlhf.synthetic import gold_score, parse_prompt  # noqa: E402
+from rlhf.synthetic import parse_prompt  # noqa: E402
 
 SEED = 5
-
-
-def draw(policy_dir: Path, rm_dir: Path, prompts: list[str], k: int, max_new_tokens: int) -> list[list[tuple]]:
-    """Per prompt, k (text, gold, rm score) of T=1 samples."""
-    tok, policy = load_tokenizer(policy_dir), load_policy(policy_dir).eval()
-    rm = ScalarModel.from_pretrained(rm_dir).eval()
-    rows = [p for p in prompts for _ in range(k)]
-
-    def score(c):
-        texts = decode_responses(tok, c.samples)
-        rm_scores = rm.score(c.samples.input_ids, c.samples.attention_mask).tolist()
-        return [(t, gold_score(parse_prompt(rows[i]), t), s) for i, t, s in zip(c.rows, texts, rm_scores)]
-
-    with torch.no_grad():
-        out = sample_and_score(policy, tok, [tok(p, add_special_tokens=False)["input_ids"] for p in rows], score,
-                               chunk_size=64 * k, max_new_tokens=max_new_tokens, seed=SEED)
-    return [out[i:i + k] for i in range(0, len(out), k)]
 
 
 def mode(group: list[tuple]) -> tuple:
@@ -94,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     policy = Path(a.policy or run / "sft" / "final")
     rm = Path(a.rm or run / "rm" / "final")
     prompts = sorted({json.loads(line)["prompt"] for line in (run / "eval" / "samples.jsonl").open()})
-    groups = draw(policy, rm, prompts, a.samples, a.max_new_tokens)
+    groups = draw_scored(policy, rm, prompts, a.samples, a.max_new_tokens, seed=SEED)
     ref = [g[0][1] for g in groups]
     rows = []
     for name, gold in selections(groups).items():

@@ -36,17 +36,17 @@ from pathlib import Path
 import torch
 
 from orchestration import pipeline, stage_data
+from orchestration.reproduce.measures import agreements, rm_against_labelers
 from orchestration.rundir import StageDir
 from orchestration.stages import harness, pretrain, rm, sft
 from rlhf.collate import TokenLimits, collate_encoded, collate_rankings, encode_pair
 from rlhf.config import Config, load_config
 from rlhf.data import Demonstration, PromptRecord, TextRecord, write_jsonl
 from rlhf.data.adapters import hh_rlhf
-from rlhf.evaluation import bootstrap_ci, paired_outcomes
 from rlhf.losses import rm_ranking_loss
 from rlhf.models import ScalarModel, load_policy, load_tokenizer
 from rlhf.sampling import SampledChunk, decode_responses, sample_and_score
-from rlhf.synthetic import SyntheticSuite, format_response, gold_score, parse_prompt, rank_responses
+from rlhf.synthetic import format_response, gold_score, parse_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
 HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base_test.jsonl.gz"
@@ -130,59 +130,6 @@ def rm_on_junk_without_eos(cfg: Config, n_prompts: int = 200, seed: int = 0) -> 
         junk.append(j)
     return {"answer_mean": sum(answer) / len(answer), "junk_mean": sum(junk) / len(junk),
             "junk_beats_answer": sum(j > a for a, j in zip(answer, junk)) / len(answer), "prompts": len(answer)}
-
-
-def agreements(scores: list[float], pairs: list[tuple[int, int]]) -> float:
-    """How many of the ordered (better, worse) pairs `scores` orders the same way, ties 1/2."""
-    return float(paired_outcomes([scores[w] for w, _ in pairs], [scores[l] for _, l in pairs]).sum())
-
-
-@torch.no_grad()
-def rm_against_labelers(cfg: Config, n_prompts: int = 2000, seed: int = 1) -> dict:
-    """The RM on a large fresh held-out set, beside the labelers it is measured against.
-
-    n_prompts rankings of test-split prompts (never trained on; more than the RM
-    stage validates on, so the interval is narrow) by the noisy labeler. On the
-    pairs it orders:
-    - rm: how often the RM orders them its way (the paper's RM accuracy, 72.4%);
-    - inter_labeler: how often a second, independent labeler does (the paper's
-      yardstick: labelers agree with each other 72.6% of the time);
-    - gold_labeler: how often the noiseless gold ranking does, the most any predictor
-      of these labels can reach.
-    And rm_vs_gold: the RM on the pairs the gold ranking orders. Ties count 1/2;
-    95% intervals resample prompts.
-    """
-    syn = cfg.data.synthetic
-    comps = SyntheticSuite(syn.seed, syn.labeler_agreement, syn.demo_noise, syn.families).comparisons(
-        "test", n_prompts, syn.k_min, syn.k_max)
-    rm_dir = StageDir(cfg.output_dir, "rm").final
-    tokenizer, reward = load_tokenizer(rm_dir), ScalarModel.from_pretrained(rm_dir).eval()
-    limits = TokenLimits(cfg.model.max_prompt_tokens, cfg.model.max_response_tokens)
-    second = random.Random(f"second-labeler/{seed}")
-    names = ("rm", "inter_labeler", "gold_labeler", "rm_vs_gold")
-    per_prompt: dict[str, list[tuple[float, int]]] = {n: [] for n in names}
-    for c in comps:
-        task = parse_prompt(c.prompt)
-        encoded = [encode_pair(tokenizer, c.prompt, r, limits) for r in c.responses]
-        if any(e is None for e in encoded):
-            continue
-        batch = collate_encoded(encoded, tokenizer.pad_token_id)
-        rm_score = reward.score(batch.input_ids, batch.attention_mask).tolist()
-        gold = [gold_score(task, r) for r in c.responses]
-        other = rank_responses(task, c.responses, second, syn.labeler_agreement)
-        judges = {"rm": rm_score, "inter_labeler": [-r for r in other], "gold_labeler": gold}
-        noisy_pairs = c.pairs()
-        for name, scores in judges.items():
-            per_prompt[name].append((agreements(scores, noisy_pairs), len(noisy_pairs)))
-        gold_pairs = [(w, l) for w, l in itertools.permutations(range(len(gold)), 2) if gold[w] > gold[l]]
-        if gold_pairs:
-            per_prompt["rm_vs_gold"].append((agreements(rm_score, gold_pairs), len(gold_pairs)))
-    out: dict = {"prompts": len(per_prompt["rm"]), "split": "test"}
-    for name, rows in per_prompt.items():
-        right, pairs = zip(*rows)
-        lo, hi = bootstrap_ci([r / n for r, n in rows], weights=pairs, seed=seed)
-        out[name] = {"accuracy": sum(right) / sum(pairs), "ci95": [lo, hi], "pairs": sum(pairs)}
-    return out
 
 
 def rm_packing(cfg: Config, n_batches: int = 40, seed: int = 0) -> dict:

@@ -22,6 +22,7 @@ COMMANDS = {
     "run": ("orchestration.pipeline", "the whole pipeline: stages 0-3 and the evaluation"),
     **STAGES,
     "serve": ("orchestration.serve.app", "OpenAI-compatible Ray Serve endpoint for a policy"),
+    "reproduce": ("orchestration.reproduce.main", "the paper's findings in miniature, over seeds, with verdicts"),
 }
 # Commands that train, so refuse what training does not implement (rlhf.config.check_trainable).
 TRAINING_COMMANDS = ("run", "pretrain", "sft", "rm", "ppo")
@@ -44,8 +45,20 @@ def _parser() -> argparse.ArgumentParser:
             # As `vllm serve` and uvicorn take them; the same as serve.host=/serve.port= overrides.
             p.add_argument("--host", help="address to bind (serve.host)")
             p.add_argument("--port", help="port to listen on (serve.port)")
+        if name == "reproduce":
+            from orchestration.reproduce.experiments import EXPERIMENTS
+
+            p.add_argument("--seeds", type=int, help="full runs (other data, other models) behind the "
+                           "multi-seed findings (default 3; 1 with --quick)")
+            p.add_argument("--only", nargs="+", choices=list(EXPERIMENTS), metavar="NAME",
+                           help=f"these experiments only: {', '.join(EXPERIMENTS)}")
+            p.add_argument("--quick", action="store_true", help="every experiment at toy size, one point "
+                           "of each sweep besides the config's (minutes; the numbers mean nothing)")
+            p.add_argument("--out", default="findings", help="where runs, results.json and report.md go")
         p.add_argument("args", nargs="*", metavar="CONFIG|key=value",
                        help="optional config file or preset, then overrides")
+        if name == "reproduce":  # always resumes: finished runs and experiments are kept
+            continue
         p.add_argument("--dry-run", action="store_true",
                        help="print the resource plan and batch geometry; start nothing")
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -76,6 +89,8 @@ def resolve_config(ns: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if ns.command == "reproduce":
+        return _reproduce(ns)
     try:
         cfg = resolve_config(ns)
     except ConfigError as e:
@@ -98,6 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module.main(cfg, **kwargs)
     except DiskFull as e:  # nothing to debug: the message says what happened and what to do
+        print(f"error: {e.strerror}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _reproduce(ns: argparse.Namespace) -> int:
+    from orchestration.reproduce.main import main as reproduce
+
+    try:
+        config, overrides = split_config_and_overrides(ns.args)
+        reproduce(config, seeds=ns.seeds, only=ns.only, quick=ns.quick, out=ns.out, overrides=overrides)
+    except (ConfigError, ValueError) as e:
+        print(f"reproduce: {e}", file=sys.stderr)
+        return 2
+    except DiskFull as e:
         print(f"error: {e.strerror}", file=sys.stderr)
         return 3
     return 0

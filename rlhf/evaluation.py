@@ -62,6 +62,32 @@ def bootstrap_ci(values: Scores, confidence: float = 0.95, num_resamples: int = 
     return float(lo), float(hi)
 
 
+def nested_bootstrap_ci(groups: Sequence[Scores], confidence: float = 0.95, num_resamples: int = 2000,
+                        seed: int = 0) -> tuple[float, float]:
+    """Percentile interval for the mean of group means, resampling groups and then items.
+
+    A figure measured on several seeds (groups), each over many prompts (items), varies
+    with both: the outer draw picks seeds with replacement, the inner one prompts within
+    each picked seed. With one group it is `bootstrap_ci` over its items; with many items
+    per group its width approaches the spread of the group means alone.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    vs = [_as_tensor(g) for g in groups]
+    if not vs or any(v.numel() == 0 for v in vs):
+        raise ValueError("need at least one group, each with values to resample")
+    gen, g = torch.Generator().manual_seed(seed), len(vs)
+    # Every group resampled once per (resample, slot), so a group drawn twice into one
+    # resample gets two independent inner draws; the outer draw then picks the groups.
+    inner = torch.stack([v[torch.randint(0, v.numel(), (num_resamples, g, v.numel()), generator=gen)].mean(dim=2)
+                         for v in vs])                                            # [G, R, slot]
+    picks = torch.randint(0, g, (num_resamples, g), generator=gen)                # [R, slot]
+    means = inner[picks, torch.arange(num_resamples)[:, None], torch.arange(g)].mean(dim=1)
+    alpha = (1.0 - confidence) / 2.0
+    lo, hi = torch.quantile(means, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64))
+    return float(lo), float(hi)
+
+
 def group_means(values: Scores, size: int) -> torch.Tensor:
     """Means of consecutive groups of `size` values: several samples of one prompt are
     correlated, so a bootstrap must resample the prompt, not its samples."""

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from rlhf.evaluation import (block_losses, bootstrap_ci, group_means, lm_loss, normal_ci, paired_outcomes,
+from rlhf.evaluation import (block_losses, bootstrap_ci, group_means, lm_loss, nested_bootstrap_ci, normal_ci,
+                             paired_outcomes,
                              sequence_kl, summed_log_ratio, win_rate, win_rate_ci)
 
 torch.set_num_threads(1)
@@ -159,3 +160,33 @@ def test_win_rate_ci_resamples_whole_prompts():
     assert grouped == win_rate_ci(a[::4], b[::4], seed=2)
     flat_lo, flat_hi = win_rate_ci(a, b, seed=2)
     assert grouped[1] - grouped[0] > 1.5 * (flat_hi - flat_lo)
+
+
+def test_nested_bootstrap_one_group_is_the_plain_bootstrap():
+    g = torch.Generator().manual_seed(8)
+    x = torch.rand(150, generator=g)
+    assert nested_bootstrap_ci([x], seed=4) == pytest.approx(bootstrap_ci(x, seed=4))
+    with pytest.raises(ValueError, match="group"):
+        nested_bootstrap_ci([x, []])
+
+
+def test_nested_bootstrap_width_follows_seeds_and_prompts():
+    # Reference by the variance of a two-stage sample: with G seeds of n prompts each, the mean of seed
+    # means has variance (s_between^2 + s_within^2 / n) / G, estimated here from the data themselves.
+    g = torch.Generator().manual_seed(9)
+    for spread, n in ((0.3, 400), (0.0, 50)):
+        centres = 0.5 + spread * torch.randn(5, generator=g)
+        groups = [c + 0.2 * torch.randn(n, generator=g) for c in centres]
+        means = torch.stack([x.mean() for x in groups]).double()
+        within = float(torch.stack([x.var() for x in groups]).mean())
+        # a bootstrap's own variance estimate: plug-in (divide by G, by n), not unbiased
+        var = (float(means.var(unbiased=False)) + within * (n - 1) / n / n) / len(groups)
+        lo, hi = nested_bootstrap_ci(groups, num_resamples=8000, seed=5)
+        centre = float(means.mean())
+        assert lo < centre < hi
+        assert (hi - lo) / 2 == pytest.approx(1.96 * math.sqrt(var), rel=0.2)
+    # Seeds that disagree widen the interval far beyond what their prompts alone would give.
+    apart = [torch.full((300,), 0.2) + 0.01 * torch.randn(300, generator=g), torch.full((300,), 0.8)]
+    lo, hi = nested_bootstrap_ci(apart, seed=6)
+    plain = bootstrap_ci(torch.cat(apart), seed=6)
+    assert hi - lo > 5 * (plain[1] - plain[0])
