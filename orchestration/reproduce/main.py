@@ -64,7 +64,7 @@ def main(config: str | None, seeds: int | None = None, only: list[str] | None = 
     if study.base.data.source != "synthetic":
         raise ValueError("reproduce needs data.source: synthetic; the findings are judged by its gold labeler")
     connect(study.base)
-    start = time.perf_counter()
+    commit, start = git_commit(), time.perf_counter()
     findings = []
     for name in only or EXPERIMENTS:
         findings += measure(study, name)
@@ -72,7 +72,7 @@ def main(config: str | None, seeds: int | None = None, only: list[str] | None = 
     results = {
         "command": {"config": config, "seeds": seeds, "only": only, "quick": quick,
                     "overrides": list(overrides or [])},
-        "commit": git_commit(), "confidence": CONFIDENCE, "verdicts": list(VERDICTS),
+        "commit": commit, "confidence": CONFIDENCE, "verdicts": list(VERDICTS),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s_this_invocation": round(time.perf_counter() - start, 1),
         "runs": {n: runs.record(n) for n in names},
         "findings": findings,

@@ -10,6 +10,7 @@ on the next invocation and a finished one is never repeated.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -119,8 +120,12 @@ def write_json_atomic(path: Path, payload) -> None:
     os.replace(tmp, path)
 
 
+@functools.cache
 def git_commit() -> str:
-    """The commit of the code that ran ("+dirty" with uncommitted changes; "unknown" outside git)."""
+    """The commit of the code that runs ("+dirty" with uncommitted changes; "unknown" outside git).
+
+    Read once, when the study starts: the code a long study runs is what it loaded then,
+    whatever is committed while it runs."""
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
