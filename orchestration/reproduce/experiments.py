@@ -294,9 +294,9 @@ def over_optimisation(st: Study) -> list[dict]:
     rule = {"any_of": [{"all_of": [v.above_node(f"{c}: gold drop from peak to largest KL", 0.0),
                                    v.above_node(f"{c}: RM gain from gold's peak to largest KL", 0.0)]}
                        for c in ("best-of-n", "PPO")]}
+    lowest = StageDir(st.runs.dir(_kl_run(st, min(_kl_coefs(st)))), "ppo")
     trajectory = [{"iteration": r["iteration"], "kl": r["kl_per_sequence"], "rm": r["rm_score_mean"],
-                   "gold": r.get("gold_score")} for r in read_metrics(StageDir(st.runs.dir(_kl_run(st, min(_kl_coefs(st)))), "ppo")
-                                                                     .metrics_file) if "kl_per_sequence" in r]
+                   "gold": r.get("gold_score")} for r in read_metrics(lowest.metrics_file) if "kl_per_sequence" in r]
     return [finding("over_optimisation", "Optimising the RM harder (more KL) keeps raising the RM score while "
                     "the gold score rises, then falls.", "Gao et al. 2022, Figure 1 (the paper's Section 5 "
                     "risk); InstructGPT Appendix C.4 (the KL penalty guards against it)", measured, rule,

@@ -100,7 +100,8 @@ class Runs:
                 link = root / stage
                 if not link.exists():
                     link.symlink_to(Path("..") / spec.borrow_from / stage, target_is_directory=True)
-        log.info("reproduce: run %s (%s)", spec.name, " ".join(spec.overrides) or "the config as it is")
+        log.info("reproduce: run %s (seed %d%s)", spec.name, spec.seed,
+                 ", " + " ".join(spec.overrides) if spec.overrides else "")
         start = time.perf_counter()
         pipeline.main(cfg, resume=True, steps=[s for s in pipeline.STEPS if s.name in spec.steps])
         record = {"name": spec.name, "seed": spec.seed, "run_overrides": list(spec.overrides),
