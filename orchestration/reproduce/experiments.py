@@ -91,13 +91,17 @@ def _ptx_coefs(st: Study) -> list[float]:
     return sorted({*(QUICK_PTX_SWEEP if st.quick else PTX_SWEEP), st.base.ppo.ptx_coef})
 
 
+def _ptx_variant(st: Study, coef: float) -> RunSpec:
+    return st.variant(f"ptx{_fmt(coef)}", f"ppo.ptx_coef={coef}")
+
+
 def _ptx_run(st: Study, coef: float) -> tuple[str, str]:
     """(run, policy) of PPO with ptx coefficient `coef` on the first seed's stages."""
     if coef == 0:
         return seed_run(st.seeds[0]).name, PPO
     if coef == st.base.ppo.ptx_coef:
         return seed_run(st.seeds[0]).name, PTX
-    return st.variant(f"ptx{_fmt(coef)}", f"ppo.ptx_coef={coef}").name, PTX
+    return _ptx_variant(st, coef).name, PTX
 
 
 def _big_kl(st: Study) -> RunSpec:
@@ -105,8 +109,8 @@ def _big_kl(st: Study) -> RunSpec:
 
 
 def ptx_needs(st: Study) -> list[RunSpec]:
-    return [*st.seed_runs(), *(st.variant(f"ptx{_fmt(c)}", f"ppo.ptx_coef={c}") for c in _ptx_coefs(st)
-                               if c not in (0, st.base.ppo.ptx_coef)), _big_kl(st)]
+    return [*st.seed_runs(), *(_ptx_variant(st, c) for c in _ptx_coefs(st) if c not in (0, st.base.ppo.ptx_coef)),
+            _big_kl(st)]
 
 
 def ptx(st: Study) -> list[dict]:
@@ -188,15 +192,16 @@ def _kl_coefs(st: Study) -> list[float]:
     return sorted({*(QUICK_KL_SWEEP if st.quick else KL_SWEEP), st.base.ppo.kl_coef})
 
 
+def _kl_variant(st: Study, beta: float) -> RunSpec:
+    return st.variant(f"kl{_fmt(beta)}", f"ppo.kl_coef={beta}", "ppo.ptx_coef=0")
+
+
 def _kl_run(st: Study, beta: float) -> str:
-    if beta == st.base.ppo.kl_coef:
-        return seed_run(st.seeds[0]).name
-    return st.variant(f"kl{_fmt(beta)}", f"ppo.kl_coef={beta}", "ppo.ptx_coef=0").name
+    return seed_run(st.seeds[0]).name if beta == st.base.ppo.kl_coef else _kl_variant(st, beta).name
 
 
 def kl_needs(st: Study) -> list[RunSpec]:
-    return [seed_run(st.seeds[0]), *(st.variant(f"kl{_fmt(b)}", f"ppo.kl_coef={b}", "ppo.ptx_coef=0")
-                                     for b in _kl_coefs(st) if b != st.base.ppo.kl_coef)]
+    return [seed_run(st.seeds[0]), *(_kl_variant(st, b) for b in _kl_coefs(st) if b != st.base.ppo.kl_coef)]
 
 
 def _kl_points(st: Study) -> list[dict]:

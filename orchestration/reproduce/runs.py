@@ -16,7 +16,7 @@ import logging
 import os
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from orchestration import pipeline
@@ -45,12 +45,16 @@ QUICK = [
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run: `overrides` on top of the base config; PPO-only runs borrow `borrow_from`'s stages 0-2."""
+    """One run: `overrides` on top of the base config; a borrowing run links its seed's stages 0-2."""
     name: str
     seed: int
     overrides: tuple[str, ...] = ()
     steps: tuple[str, ...] = FULL
-    borrow_from: str | None = None
+    borrows: bool = False
+
+    @property
+    def borrow_from(self) -> str | None:
+        return seed_run(self.seed).name if self.borrows else None
 
     def all_overrides(self, base: tuple[str, ...]) -> list[str]:
         return [*base, f"run.seed={self.seed}", f"data.synthetic.seed={self.seed}", *self.overrides]
@@ -63,7 +67,7 @@ def seed_run(seed: int) -> RunSpec:
 
 def ppo_variant(name: str, *overrides: str, seed: int = 0) -> RunSpec:
     """One PPO run (no ptx comparison) on seed `seed`'s stages 0-2."""
-    return RunSpec(name, seed, ("ppo.compare_ptx=false", *overrides), PPO_ONLY, borrow_from=seed_run(seed).name)
+    return RunSpec(name, seed, ("ppo.compare_ptx=false", *overrides), PPO_ONLY, borrows=True)
 
 
 @dataclass
@@ -72,7 +76,6 @@ class Runs:
     out: Path
     config: str | None
     base_overrides: tuple[str, ...] = ()
-    specs: dict[str, RunSpec] = field(default_factory=dict)
 
     def dir(self, name: str) -> Path:
         return self.out / "runs" / name
@@ -87,11 +90,10 @@ class Runs:
 
     def ensure(self, spec: RunSpec) -> dict:
         """Run `spec` unless its record exists (and its borrowed stages first); return its record."""
-        self.specs[spec.name] = spec
         if (done := self.record(spec.name)) is not None:
             return done
         if spec.borrow_from is not None:
-            self.ensure(self.specs.get(spec.borrow_from) or seed_run(spec.seed))
+            self.ensure(seed_run(spec.seed))
         cfg = self.config_of(spec)
         root = cfg.output_dir
         root.mkdir(parents=True, exist_ok=True)

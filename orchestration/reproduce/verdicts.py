@@ -1,21 +1,13 @@
 """How a finding's numbers become a verdict: "reproduced", "not reproduced" or "inconclusive".
 
 Every rule reads 95% intervals, never point estimates alone, so a verdict flips only
-when the evidence does. Each returns its verdict with the rule in words, which the
-report prints beside it; tests recompute the verdict from the numbers in results.json.
+when the evidence does. `describe` gives the rule in words, which the report prints
+beside it; tests recompute the verdict from the numbers in results.json.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 VERDICTS = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)
-
-
-@dataclass(frozen=True)
-class Verdict:
-    verdict: str
-    rule: str
 
 
 def above(ci: tuple[float, float], threshold: float) -> str:
@@ -39,15 +31,15 @@ def all_of(verdicts: list[str]) -> str:
     return REPRODUCED if all(v == REPRODUCED for v in verdicts) else INCONCLUSIVE
 
 
-def best_of_sweep(diffs: dict[str, tuple[float, float]]) -> str:
-    """`diffs[x]`: interval of (claimed best setting) - (setting x), for every other x.
+def sweep(verdicts: list[str]) -> str:
+    """Parts: (claimed best setting - another setting) > 0, one per other setting.
 
-    Not reproduced if some setting is better than the claimed one; reproduced if none is
-    and the claimed one beats at least one (a flat sweep tells nothing); else inconclusive.
+    Not reproduced if some setting beats the claimed one; reproduced if none does and
+    the claimed one beats at least one (a flat sweep tells nothing); else inconclusive.
     """
-    if any(hi < 0 for _, hi in diffs.values()):
+    if NOT_REPRODUCED in verdicts:
         return NOT_REPRODUCED
-    return REPRODUCED if any(lo > 0 for lo, _ in diffs.values()) else INCONCLUSIVE
+    return REPRODUCED if REPRODUCED in verdicts else INCONCLUSIVE
 
 
 def any_of(verdicts: list[str]) -> str:
@@ -89,10 +81,8 @@ def evaluate(rule: dict, measured: dict[str, dict]) -> str:
         return all_of(verdicts)
     if kind == "any_of":
         return any_of(verdicts)
-    if kind == "sweep":  # parts: (claimed setting - other setting) > 0, one per other setting
-        if NOT_REPRODUCED in verdicts:
-            return NOT_REPRODUCED
-        return REPRODUCED if REPRODUCED in verdicts else INCONCLUSIVE
+    if kind == "sweep":
+        return sweep(verdicts)
     raise ValueError(f"unknown rule node {kind!r}")
 
 

@@ -1,0 +1,1 @@
+"""`instructray reproduce`: the InstructGPT paper's findings in miniature (see main.py)."""
