@@ -5,6 +5,10 @@ a model is trained on are exactly the ids a generator is later given. Every
 response ends with EOS: SFT teaches the model to stop, and the RM always reads
 its score at a comparable last token.
 
+Demonstrations are packed several to a row the same way (`pack_lm`): each attends
+to itself only, so its loss is what its own unpadded row gives, without padding
+every short demonstration to the width of the pretraining blocks it is mixed with.
+
 A K-way ranking is one row: the prompt once, then its K completions, each
 attending to the prompt and to itself only, with positions restarting after
 the prompt. Every completion's score is what a forward pass of prompt +
@@ -48,6 +52,30 @@ class RankingBatch(TensorBatch):
     @property
     def attention_mask(self) -> torch.Tensor:
         """[G, 1, T, T] bool: causal, within the prompt and the token's own completion."""
+        return segment_attention_mask(self.segment_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.segment_ids >= 0).sum())
+
+
+@dataclasses.dataclass
+class PackedLMBatch(TensorBatch):
+    """Sequences packed several to a row ([B, T] fields), each attending to itself only.
+
+    segment_ids: i >= 1 for a row's i-th sequence, -1 for padding (segment 0, a shared
+    prompt in `RankingBatch`, is never used). Two target masks, so one forward serves
+    both parts of SFT's mixed batch: demonstration responses and pretraining text.
+    """
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segment_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    ptx_mask: torch.Tensor
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """[B, 1, T, T] bool: causal, within the token's own sequence."""
         return segment_attention_mask(self.segment_ids)
 
     @property
@@ -165,6 +193,39 @@ def collate_rankings(groups: Sequence[EncodedRanking], pad_id: int) -> RankingBa
         positions.append(pos + [0] * pad)
     return RankingBatch(torch.tensor(rows), torch.tensor(positions), torch.tensor(segments),
                         torch.tensor(score_index), torch.tensor(ranks), torch.tensor(group_ids))
+
+
+def pack_lm(encoded: Sequence[tuple[list[int], list[int]]], blocks: torch.Tensor, pad_id: int
+            ) -> PackedLMBatch:
+    """Encoded (ids, loss_mask) sequences packed first-fit by decreasing length, then one row per block.
+
+    Rows are as wide as the longest sequence or block. A sequence's first token is
+    never a target (in a row of its own nothing predicts it), so no loss reads
+    across a boundary. Block tokens are `ptx_mask` targets.
+    """
+    width = max([len(ids) for ids, _ in encoded] + [blocks.shape[1] if len(blocks) else 0])
+    rows: list[list[tuple[list[int], list[int]]]] = []
+    for seq in sorted(encoded, key=lambda e: -len(e[0])):
+        row = next((r for r in rows if sum(len(ids) for ids, _ in r) + len(seq[0]) <= width), None)
+        if row is None:
+            rows.append(row := [])
+        row.append(seq)
+    rows += [[(b.tolist(), [1] * len(b))] for b in blocks]
+    n = len(rows)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((n, width), dtype=torch.long)
+    seg = torch.full((n, width), -1, dtype=torch.long)
+    loss = torch.zeros((n, width))
+    for r, row in enumerate(rows):
+        at = 0
+        for i, (s_ids, s_mask) in enumerate(row, start=1):
+            end = at + len(s_ids)
+            ids[r, at:end], pos[r, at:end], seg[r, at:end] = torch.tensor(s_ids), torch.arange(len(s_ids)), i
+            loss[r, at + 1:end] = torch.tensor(s_mask[1:], dtype=torch.float)
+            at = end
+    is_block = torch.zeros((n, 1))
+    is_block[n - len(blocks):] = 1.0
+    return PackedLMBatch(ids, pos, seg, loss * (1 - is_block), loss * is_block)
 
 
 def pack_text(tokenizer, texts: Sequence[str], seq_len: int) -> torch.Tensor:

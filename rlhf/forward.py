@@ -8,14 +8,22 @@ from __future__ import annotations
 import torch
 
 from rlhf.losses import entropy_from_logits, logprobs_from_logits
-from rlhf.models import ScalarModel, position_ids_from_mask
+from rlhf.models import ScalarModel, additive_mask, position_ids_from_mask
 
 
-def policy_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def policy_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T, V] logits. A [B, 1, T, T] bool mask (packed rows, rlhf.collate) comes with its position_ids."""
+    packed = attention_mask.dim() == 4
+    if packed and position_ids is None:
+        raise ValueError("a 4-D attention mask needs position_ids")
+    if packed:
+        attention_mask = additive_mask(attention_mask, getattr(model, "module", model).dtype)  # DDP wraps
     # use_cache off: a scoring or training forward never continues, and HF's KV cache would
     # hold two [B, T, d] tensors per layer (60 GB for a 6B reference scoring 64 rows).
     return model(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+                 position_ids=position_ids_from_mask(attention_mask) if position_ids is None else position_ids,
+                 use_cache=False).logits
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -191,14 +191,15 @@ def ptx_lm_loss(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tensor:
     the first token). Always at temperature 1: it trains the model itself, not
     the sampler. Computed in float32 (float64 stays).
     """
+    return masked_mean(next_token_nll(logits, input_ids), ptx_targets(loss_mask))
+
+
+def next_token_nll(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """[B, T-1] -log p(token t+1 | <= t) at temperature 1, in float32 (float64 stays)."""
     pred = logits[:, :-1, :]
     target = input_ids[:, 1:]
-    target_mask = ptx_targets(loss_mask)
     pred = pred if pred.dtype == torch.float64 else pred.float()
-    nll = F.cross_entropy(
-        pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none"
-    ).view_as(target)
-    return masked_mean(nll, target_mask)
+    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none").view_as(target)
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:

@@ -23,11 +23,11 @@ from orchestration.rundir import StageDir, atomic_write_dir
 from orchestration.stages import checkpointing, harness, training
 from orchestration.stages.pretrain import base_model, heldout_loss
 from rlhf.batch import split_evenly
-from rlhf.collate import LMBatch, TokenLimits, collate_encoded, encode_demonstrations, lm_batch, pack_text
+from rlhf.collate import PackedLMBatch, TokenLimits, collate_encoded, encode_demonstrations, pack_lm, pack_text
 from rlhf.config import Config, SFTConfig
 from rlhf.forward import policy_logits
-from rlhf.losses import ptx_lm_loss
-from rlhf.masked import global_share
+from rlhf.losses import next_token_nll, ptx_targets
+from rlhf.masked import global_share, masked_mean
 from rlhf.models import ScalarModel, load_policy, load_tokenizer
 from rlhf.sampling import sample_and_score
 from rlhf.tiny import set_residual_dropout
@@ -46,37 +46,51 @@ def epoch_dirs(stage: StageDir) -> list[Path]:
 
 
 @dataclasses.dataclass
+class SFTPart:
+    """One micro-batch: its demonstrations and pretraining blocks packed into one batch."""
+    batch: PackedLMBatch
+    demos: int
+    blocks: int
+
+    @classmethod
+    def of(cls, encoded: Sequence[tuple[list[int], list[int]]], blocks: torch.Tensor, pad: int) -> "SFTPart":
+        return cls(pack_lm(encoded, blocks, pad), len(encoded), len(blocks))
+
+    def to(self, device) -> "SFTPart":
+        return dataclasses.replace(self, batch=self.batch.to(device))
+
+
+@dataclasses.dataclass
 class SFTTotals:
     """The global batch's counts, which every micro-batch's loss is weighted by."""
     d_all: float     # demonstration targets
     p_all: float     # pretraining targets
-    d_rows: float
-    p_rows: float
+    d_rows: float    # demonstrations
+    p_rows: float    # pretraining blocks
     tokens: float    # attended tokens
 
 
-def sft_totals(ctx: harness.WorkerContext, parts: Sequence[tuple[LMBatch, LMBatch]]) -> SFTTotals:
-    """Summed over this worker's micro-batches (demos, ptx), then over the workers."""
+def sft_totals(ctx: harness.WorkerContext, parts: Sequence[SFTPart]) -> SFTTotals:
+    """Summed over this worker's micro-batches, then over the workers."""
     d_n = p_n = n = n_ptx = tokens = 0.0
-    for demos, ptx in parts:
-        d_n, p_n = d_n + float(demos.loss_mask[:, 1:].sum()), p_n + float(ptx.loss_mask[:, 1:].sum())
-        n, n_ptx = n + len(demos), n_ptx + len(ptx)
-        tokens += float(demos.attention_mask.sum()) + float(ptx.attention_mask.sum())
+    for part in parts:
+        b = part.batch
+        d_n, p_n = d_n + float(b.loss_mask[:, 1:].sum()), p_n + float(b.ptx_mask[:, 1:].sum())
+        n, n_ptx, tokens = n + part.demos, n_ptx + part.blocks, tokens + b.num_tokens
     return SFTTotals(*ctx.all_sum([d_n, p_n, n, n_ptx, tokens]))
 
 
-def sft_part_loss(ctx: harness.WorkerContext, model, demos: LMBatch, ptx: LMBatch, totals: SFTTotals
+def sft_part_loss(ctx: harness.WorkerContext, model, part: SFTPart, totals: SFTTotals
                   ) -> tuple[torch.Tensor, tuple[float, float]]:
     """One micro-batch's loss, weighted by its share of the global batch, and its (demo, ptx) loss sums.
 
     One forward pass over both parts (DDP expects one forward per backward).
     """
-    n = len(demos)
-    both = LMBatch.concat([demos, ptx])
-    logits = policy_logits(model, both.input_ids, both.attention_mask)
-    d_loss = ptx_lm_loss(logits[:n], both.input_ids[:n], both.loss_mask[:n])  # 0 when empty
-    p_loss = ptx_lm_loss(logits[n:], both.input_ids[n:], both.loss_mask[n:])  # 0 when empty
-    d_n, p_n = float(demos.loss_mask[:, 1:].sum()), float(ptx.loss_mask[:, 1:].sum())
+    b = part.batch
+    nll = next_token_nll(policy_logits(model, b.input_ids, b.attention_mask, b.position_ids), b.input_ids)
+    d_loss = masked_mean(nll, ptx_targets(b.loss_mask))  # 0 when empty
+    p_loss = masked_mean(nll, ptx_targets(b.ptx_mask))
+    d_n, p_n = float(b.loss_mask[:, 1:].sum()), float(b.ptx_mask[:, 1:].sum())
     f = totals.p_rows / (totals.d_rows + totals.p_rows)
     loss = ((1 - f) * d_loss * global_share(d_n, totals.d_all, ctx.world)
             + f * p_loss * global_share(p_n, totals.p_all, ctx.world))
@@ -95,7 +109,7 @@ def sft_stats(ctx: harness.WorkerContext, totals: SFTTotals, sums: Sequence[tupl
             "ptx_loss": ptx_loss, "tokens": totals.tokens}
 
 
-def sft_loss(ctx: harness.WorkerContext, model, demos: LMBatch, ptx: LMBatch) -> tuple[torch.Tensor, dict]:
+def sft_loss(ctx: harness.WorkerContext, model, part: SFTPart) -> tuple[torch.Tensor, dict]:
     """(1 - f) * demonstration loss (response tokens only) + f * pretraining LM loss.
 
     f is the pretraining share of the global batch's examples, so each example
@@ -103,14 +117,14 @@ def sft_loss(ctx: harness.WorkerContext, model, demos: LMBatch, ptx: LMBatch) ->
     worker's whole share in one forward pass; the stage runs it as micro-batches
     (`sft_part_loss`), which sum to the same.
     """
-    totals = sft_totals(ctx, [(demos, ptx)])
-    loss, sums = sft_part_loss(ctx, model, demos, ptx, totals)
+    totals = sft_totals(ctx, [part])
+    loss, sums = sft_part_loss(ctx, model, part, totals)
     return loss, sft_stats(ctx, totals, [sums])
 
 
 def micro_parts(ctx: harness.WorkerContext, train: list, blocks: torch.Tensor, idx: list[int],
-                ptx_idx: list[int], micro_batch_size: int | None, pad: int) -> list[tuple[LMBatch, LMBatch]]:
-    """This worker's (demos, ptx) share of a batch as micro-batches of at most `micro_batch_size` examples.
+                ptx_idx: list[int], micro_batch_size: int | None, pad: int) -> list[SFTPart]:
+    """This worker's share of a batch as micro-batches of at most `micro_batch_size` examples.
 
     The share (its demonstrations, then its pretraining rows) is cut into consecutive
     pieces; every worker cuts as many as the largest share needs.
@@ -120,8 +134,7 @@ def micro_parts(ctx: harness.WorkerContext, train: list, blocks: torch.Tensor, i
     parts = []
     for part in training.micro_batches(share, micro_batch_size, most):
         d_rows, p_rows = [i for is_demo, i in part if is_demo], [j for is_demo, j in part if not is_demo]
-        demos = collate_encoded([train[i] for i in d_rows], pad) if d_rows else lm_batch(blocks[:0, :1])
-        parts.append((demos.to(ctx.device), lm_batch(blocks[p_rows]).to(ctx.device)))
+        parts.append(SFTPart.of([train[i] for i in d_rows], blocks[p_rows], pad).to(ctx.device))
     return parts
 
 
@@ -157,11 +170,10 @@ def train_loop(ctx: harness.WorkerContext, section: str, base: str) -> dict:
             parts = micro_parts(ctx, train, blocks, idx, ptx_idx, sc.micro_batch_size, pad)
             totals = sft_totals(ctx, parts)
             # More workers than examples (fsdp only): a worker with none runs a throwaway pass.
-            idle = not any(len(d) + len(p) for d, p in parts)
-            filler = (collate_encoded([train[idx[0]]], pad).to(ctx.device), lm_batch(blocks[:0]).to(ctx.device)) \
-                if idle else None
-            sums = trainer.accumulate(parts, lambda p: sft_part_loss(ctx, model, *p, totals),
-                                       size=lambda p: len(p[0]) + len(p[1]), filler=filler)
+            idle = not any(p.demos + p.blocks for p in parts)
+            filler = SFTPart.of([train[idx[0]]], blocks[:0], pad).to(ctx.device) if idle else None
+            sums = trainer.accumulate(parts, lambda p: sft_part_loss(ctx, model, p, totals),
+                                       size=lambda p: p.demos + p.blocks, filler=filler)
             stats = sft_stats(ctx, totals, sums)
             lr = trainer.scheduler.get_last_lr()[0]
             grad_norm = trainer.step(cfg.optimizer.max_grad_norm)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from orchestration.rundir import StageDir, read_metrics
 from orchestration.stages import sft
 from orchestration.stages.harness import WorkerContext
-from rlhf.collate import TokenLimits, collate_encoded, encode_demonstrations, lm_batch
+from rlhf.collate import TokenLimits, encode_demonstrations
 from rlhf.config import Config
 from rlhf.data import Demonstration
 from rlhf.models import load_policy
@@ -34,30 +34,31 @@ def _reference_losses(model, tok):
     return out
 
 
-def _demo_batch(tok):
+def _encoded(tok):
     encoded, dropped = encode_demonstrations(tok, DEMOS, TokenLimits(64, 16))
     assert dropped == 0
-    return collate_encoded(encoded, tok.pad_token_id)
+    return encoded
 
 
 def test_sft_loss_counts_response_tokens_only(tiny_lm, tiny_tokenizer):
     tiny_lm.eval()
-    batch = _demo_batch(tiny_tokenizer)
-    empty = lm_batch(torch.zeros((0, 1), dtype=torch.long))
+    encoded = _encoded(tiny_tokenizer)
+    part = sft.SFTPart.of(encoded, torch.zeros((0, 1), dtype=torch.long), tiny_tokenizer.pad_token_id)
     with torch.no_grad():
-        loss, stats = sft.sft_loss(_ctx(), tiny_lm, batch, empty)
+        loss, stats = sft.sft_loss(_ctx(), tiny_lm, part)
         ref = _reference_losses(tiny_lm, tiny_tokenizer)
     assert float(loss) == pytest.approx(sum(ref) / len(ref), rel=1e-5)
-    assert stats["ptx_loss"] == 0.0 and stats["tokens"] == float(batch.attention_mask.sum())
-    assert batch.loss_mask.sum() == len(ref)  # prompt and padding are not targets
+    assert stats["ptx_loss"] == 0.0 and stats["tokens"] == sum(len(ids) for ids, _ in encoded)
+    assert part.batch.loss_mask.sum() == len(ref)  # prompt and padding are not targets
 
 
 def test_sft_loss_mixes_pretraining_text_by_example_share(tiny_lm, tiny_tokenizer):
     tiny_lm.eval()
-    demos = _demo_batch(tiny_tokenizer)
-    blocks = torch.randint(2, len(tiny_tokenizer), (1, 20))
+    blocks = torch.randint(2, len(tiny_tokenizer), (1, 64))
+    part = sft.SFTPart.of(_encoded(tiny_tokenizer), blocks, tiny_tokenizer.pad_token_id)
+    assert len(part.batch) < len(DEMOS) + 1  # demonstrations share rows as wide as the block
     with torch.no_grad():
-        loss, stats = sft.sft_loss(_ctx(), tiny_lm, demos, lm_batch(blocks))
+        loss, stats = sft.sft_loss(_ctx(), tiny_lm, part)
         ref_demo = _reference_losses(tiny_lm, tiny_tokenizer)
         logits = tiny_lm(input_ids=blocks).logits[0]
         ref_ptx = float(F.cross_entropy(logits[:-1], blocks[0, 1:]))

@@ -1,7 +1,7 @@
 """Packed K-way rankings: the attention pattern and where each completion's score is read."""
 import torch
 
-from rlhf.collate import EncodedRanking, collate_rankings, segment_attention_mask
+from rlhf.collate import EncodedRanking, collate_rankings, pack_lm, segment_attention_mask
 
 
 def _allowed(seg: list[int], q: int, k: int) -> bool:
@@ -31,3 +31,21 @@ def test_collate_packs_prompt_once_and_indexes_last_tokens():
     assert flat == [2, 11, 2, 2, 2] and b.score_index.tolist() == [4, 5, 8, 9 + 2, 9 + 5]
     assert b.ranks.tolist() == [1, 2, 0, 0, 1] and b.group_ids.tolist() == [0, 0, 0, 1, 1]
     assert b.num_tokens == 9 + 6
+
+
+def test_pack_lm_fills_rows_first_fit_and_keeps_each_sequence_whole():
+    seqs = [([1, 2, 3], [0, 1, 1]), ([4, 5, 6, 7, 8], [0, 0, 1, 1, 1]), ([9, 10], [1, 1]), ([11] * 7, [0] * 6 + [1])]
+    blocks = torch.arange(20, 30).view(1, 10)
+    b = pack_lm(seqs, blocks, pad_id=0)
+    assert b.input_ids.shape == (3, 10)  # lengths 7+3 and 5+2 fill two rows, the block a third
+    assert b.input_ids[0].tolist() == [11] * 7 + [1, 2, 3]
+    assert b.input_ids[1].tolist() == [4, 5, 6, 7, 8, 9, 10, 0, 0, 0]
+    assert b.position_ids[0].tolist() == list(range(7)) + [0, 1, 2]
+    assert b.segment_ids[1].tolist() == [1] * 5 + [2] * 2 + [-1] * 3
+    # A sequence's first token is never a target: in a row of its own nothing predicts it.
+    assert b.loss_mask[1].tolist() == [0, 0, 1, 1, 1, 0, 1, 0, 0, 0]
+    assert b.loss_mask[2].sum() == 0 and b.ptx_mask[:2].sum() == 0
+    assert b.ptx_mask[2].tolist() == [0] + [1] * 9
+    mask = b.attention_mask[0, 0]
+    assert not mask[7:, :7].any() and mask[9, 7:].all() and mask[6, :7].all()
+    assert b.num_tokens == 27
