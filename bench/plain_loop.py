@@ -32,13 +32,13 @@ from rlhf.losses import policy_loss, ptx_lm_loss, value_loss  # noqa: E402
 from rlhf.models import ScalarModel, load_policy  # noqa: E402
 from rlhf.sampling import left_pad  # noqa: E402
 from rlhf.schedules import lambda_lr, warmup_then_constant  # noqa: E402
+from rlhf.train_state import make_optimizer  # noqa: E402
 
 CHUNK = 64  # rows per scoring forward pass, as the Ray scorers use
 
 
 def _adam(params, lr: float, cfg: Config) -> torch.optim.Optimizer:
-    o = cfg.optimizer
-    return torch.optim.AdamW(params, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    return make_optimizer(params, lr, cfg.optimizer)  # the learners' own (fused): compare the system, not Adam
 
 
 def response_masks(sequences: torch.Tensor, prompt_width: int, eos_id: int | None) -> torch.Tensor:
