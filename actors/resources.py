@@ -64,7 +64,8 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 # that spin while they wait steal the cores the others compute on; passive ones sleep.
 # Read when the process loads OpenMP, so it goes in the actor's environment, not in
 # configure_threads (bench/ppo_iteration.py, tiny: 4.62 -> 3.80 s per iteration).
-OPENMP_ENV = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+# INSTRUCTRAY_WORKER: rlhf/__init__.py skips an import no worker of ours uses.
+WORKER_ENV = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), "INSTRUCTRAY_WORKER": "1"}
 
 
 def actor_class(cls: type, num_cpus: float = 1.0, num_gpus: float = 0.0, **options):
@@ -75,5 +76,5 @@ def actor_class(cls: type, num_cpus: float = 1.0, num_gpus: float = 0.0, **optio
     import ray
 
     env = dict(options.pop("runtime_env", None) or {})
-    env["env_vars"] = OPENMP_ENV | env.get("env_vars", {})  # merged with the job's by Ray
+    env["env_vars"] = WORKER_ENV | env.get("env_vars", {})  # merged with the job's by Ray
     return ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, runtime_env=env, **options)

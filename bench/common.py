@@ -70,10 +70,11 @@ def start_local_ray(num_cpus: int = 2) -> None:
     """
     import ray
 
-    from orchestration.cluster import ACTOR_ENV as env
+    from orchestration.cluster import ACTOR_ENV, WORKER_ONLY_ENV
 
-    os.environ.update(env)
-    ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=False,
+    os.environ.update(ACTOR_ENV)
+    ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": ACTOR_ENV | WORKER_ONLY_ENV},
+             include_dashboard=False,
              logging_level="WARNING")
 
 

@@ -11,6 +11,7 @@ from rlhf.config import Config
 log = logging.getLogger(__name__)
 # The actors' working environment: no hub access, quiet tokenizers.
 ACTOR_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+WORKER_ONLY_ENV = {"INSTRUCTRAY_WORKER": "1"}  # not the driver's: see rlhf/__init__.py
 
 
 def connect(cfg: Config) -> None:
@@ -20,8 +21,8 @@ def connect(cfg: Config) -> None:
     """
     if ray.is_initialized():
         return
-    env = ACTOR_ENV
-    os.environ.update(env)
+    os.environ.update(ACTOR_ENV)
+    env = ACTOR_ENV | WORKER_ONLY_ENV
     if os.environ.get("RAY_ADDRESS"):
         log.info("joining the Ray cluster at %s", os.environ["RAY_ADDRESS"])
         ray.init(runtime_env={"env_vars": env})

@@ -44,7 +44,10 @@ def tiny_config():
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    from orchestration.cluster import ACTOR_ENV, WORKER_ONLY_ENV
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
+             runtime_env={"env_vars": ACTOR_ENV | WORKER_ONLY_ENV})  # as `instructray` starts one
     yield ray
     ray.shutdown()
 
