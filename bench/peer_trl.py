@@ -14,7 +14,10 @@ same prompts, batch, minibatch, response length, one PPO epoch, 2 threads, no pt
 What differs in the work (kept, not matched): TRL takes the rollout's logprobs from
 `generate()`'s scores and steps policy and value with one backward; ours scores the
 rollout with a separate forward pass and trains policy and critic in their own actors.
-Prints episodes/s of both and the ratio; writes bench/results/peer_trl.json.
+Prints episodes/s of both and the ratio; writes bench/results/peer_trl.json. `--profile`
+also runs TRL once under torch's profiler: the share of its time in matrix products, the
+part no implementation of the same passes can skip, bounds any speed-up over it at
+1 / share (the profiler slows the small ops more, so the true bound is lower still).
 """
 from __future__ import annotations
 
@@ -53,11 +56,12 @@ def _trl_env() -> dict:
     return env | {"TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def run_trl(cfg, policy: Path, prompt_ids: list[list[int]], iterations: int, threads: int) -> dict:
+def run_trl(cfg, policy: Path, prompt_ids: list[list[int]], iterations: int, threads: int,
+            profile: bool = False) -> dict:
     p = cfg.ppo
     spec = {"policy": str(policy), "prompt_ids": prompt_ids, "batch_size": p.batch_size,
             "minibatch_size": p.minibatch_size, "response_tokens": cfg.model.max_response_tokens,
-            "iterations": iterations, "threads": threads, "kl_coef": p.kl_coef, "lr": p.lr}
+            "iterations": iterations, "threads": threads, "kl_coef": p.kl_coef, "lr": p.lr, "profile": profile}
     with tempfile.TemporaryDirectory() as tmp:
         spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_file.write_text(json.dumps(spec))
@@ -66,7 +70,7 @@ def run_trl(cfg, policy: Path, prompt_ids: list[list[int]], iterations: int, thr
         return json.loads(out_file.read_text())
 
 
-def bench_preset(preset: str, overrides: list[str], iterations: int) -> list[dict]:
+def bench_preset(preset: str, overrides: list[str], iterations: int, profile: bool) -> list[dict]:
     from rlhf.config import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,6 +89,9 @@ def bench_preset(preset: str, overrides: list[str], iterations: int) -> list[dic
         trl = run_trl(cfg, models.policy, ids, iterations, threads=2)
         trl_row = shape | {"system": f"TRL {trl['trl_version']} PPOTrainer", "s_per_iteration": trl["s_per_iteration"],
                            "episodes_per_s": trl["episodes_per_s"], "load_before": load}
+        if profile:
+            prof = run_trl(cfg, models.policy, ids, iterations, threads=2, profile=True)
+            trl_row |= {"matmul_share": prof["matmul_share"], "speedup_bound": 1 / prof["matmul_share"]}
         load = load_average()
         ours = run_ours(cfg, models, prompts, ptx_blocks(models.tokenizer, 32), iterations, Path(tmp))
         ours_row = shape | {"system": "ours (Ray)", "s_per_iteration": ours["s_per_iteration"],
@@ -99,14 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small batches, 1 iteration")
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--profile", action="store_true", help="also TRL's matrix-product share (a bound)")
     args = parser.parse_args(argv)
     rows = []
     for preset in args.presets:
         iterations = 1 if args.quick else ITERATIONS.get(preset, 2)
-        rows += bench_preset(preset, QUICK.get(preset, []) if args.quick else [], iterations)
+        rows += bench_preset(preset, QUICK.get(preset, []) if args.quick else [], iterations, args.profile)
     print_table("PPO without ptx: ours against TRL's PPOTrainer (same shapes, 2 threads)", rows,
                 ["preset", "system", "params_M", "episodes", "minibatch", "response_tokens", "s_per_iteration",
-                 "episodes_per_s", "vs_trl", "load_before", "load_after"])
+                 "episodes_per_s", "vs_trl", *(["matmul_share", "speedup_bound"] if args.profile else []),
+                 "load_before", "load_after"])
     write_results("peer_trl", {"rows": rows, "note": "vs_trl = episodes/s over TRL's, same run; TRL takes "
                                "rollout logprobs from generate() and steps policy and value in one backward"},
                   quick=args.quick)

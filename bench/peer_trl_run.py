@@ -6,7 +6,10 @@ Needs only torch, transformers, datasets and trl (0.24, with its top-level PPOTr
 SPEC: the policy directory, prompt token ids, batch, minibatch, response length,
 iterations and threads. The policy's config makes EOS unreachable, so every
 response has exactly the response length, as on our side. OUT: seconds per iteration
-after the first (a warm-up), and the episodes per second they give.
+after the first (a warm-up), and the episodes per second they give. With SPEC's
+"profile" true, instead the share of the whole `train()` (warm-up included) spent in
+matrix products (self time of aten mm/addmm/bmm/baddbmm and CPU attention kernels):
+any PPO doing the same passes on the same hardware must spend that time too.
 """
 from __future__ import annotations
 
@@ -55,12 +58,31 @@ def main(spec_file: str, out_file: str) -> int:
         clock = Clock()
         trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                              train_dataset=data, value_model=value, eval_dataset=data, callbacks=[clock])
+        if spec.get("profile"):
+            return _profile(trainer, out_file)
         trainer.train()
     steps = [b - a for a, b in zip(clock.marks, clock.marks[1:])][1:]
     result = {"trl_version": trl.__version__, "s_per_iteration": sum(steps) / len(steps),
               "iterations": len(steps), "episodes": batch,
               "rollout_forward_batch": args.local_rollout_forward_batch_size}
     result["episodes_per_s"] = batch / result["s_per_iteration"]
+    open(out_file, "w").write(json.dumps(result))
+    return 0
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def _profile(trainer, out_file: str) -> int:
+    import torch
+
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        trainer.train()
+    wall = time.perf_counter() - start
+    matmul_us = sum(e.self_cpu_time_total for e in prof.key_averages()
+                    if e.key in MATMUL_OPS or e.key.startswith("aten::_scaled_dot_product_flash_attention"))
+    result = {"profiled_wall_s": wall, "matmul_s": matmul_us / 1e6, "matmul_share": matmul_us / 1e6 / wall}
     open(out_file, "w").write(json.dumps(result))
     return 0
 
