@@ -15,7 +15,7 @@ Runs pretrain -> SFT -> RM -> SFT selection with Ray Train on configs/tiny.yaml
   gold labeler on pairs of the SFT policy's own samples (what PPO shows it);
 - the RM on random tokens up to the response limit without EOS (what an
   over-optimised policy wrote) beside the answer;
-- the RM training step with rankings packed one row per prompt vs one padded
+- the RM training step with rankings packed (each prompt once, several to a row) vs one padded
   row per completion (same batches, alternated);
 - the RM stage on HH-RLHF harmless test pairs (../shared/data) with a tiny
   model whose tokenizer is trained on that text (skipped if the data is absent);
@@ -135,7 +135,7 @@ def rm_on_junk_without_eos(cfg: Config, n_prompts: int = 200, seed: int = 0) -> 
 def rm_packing(cfg: Config, n_batches: int = 40, seed: int = 0) -> dict:
     """RM training step (forward, ranking loss, backward) on the same training batches, two layouts.
 
-    packed: the stage's own, one row per prompt (`rlhf.collate.collate_rankings`);
+    packed: the stage's own, each prompt once, several to a row (`rlhf.collate.collate_rankings`);
     per_completion: the plain one, a padded row of prompt + completion per completion.
     Tokens count padding (what the model computes on). Alternating the two keeps machine noise out of the ratio.
     """

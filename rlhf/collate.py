@@ -9,11 +9,12 @@ Demonstrations are packed several to a row the same way (`pack_lm`): each attend
 to itself only, so its loss is what its own unpadded row gives, without padding
 every short demonstration to the width of the pretraining blocks it is mixed with.
 
-A K-way ranking is one row: the prompt once, then its K completions, each
-attending to the prompt and to itself only, with positions restarting after
-the prompt. Every completion's score is what a forward pass of prompt +
-completion alone gives, but the prompt is computed once instead of K times and
-no completion is padded to the longest (bench/stages.py: rm_packing).
+A K-way ranking is the prompt once, then its K completions, each attending to
+the prompt and to itself only, with positions restarting after the prompt;
+several rankings share a row when they fit. Every completion's score is what a
+forward pass of prompt + completion alone gives, but the prompt is computed once
+instead of K times and no completion is padded to the longest (bench/stages.py:
+rm_packing).
 """
 from __future__ import annotations
 
@@ -36,27 +37,34 @@ class LMBatch(TensorBatch):
 
 @dataclasses.dataclass
 class RankingBatch(TensorBatch):
-    """One packed row per prompt ([G, T] fields) and one entry per completion ([N] fields).
+    """Packed rankings ([G, T] fields: one or more prompts a row) and one entry per completion ([N] fields).
 
-    segment_ids: 0 for the prompt, i for the i-th completion, -1 for padding.
+    segment_ids: a prompt's tokens, then each of its completions, get their own id (unique in
+    the row), -1 for padding; prompt_ids: the id of the prompt each token's completion answers.
     score_index: where each completion's last token sits in the flattened [G * T] row-major grid.
-    Rows of one prompt share a group id. Not for `select`/`split`: the fields have two row counts.
+    Completions of one prompt share a group id. Not for `select`/`split`: the fields have two row counts.
     """
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     segment_ids: torch.Tensor
+    prompt_ids: torch.Tensor
     score_index: torch.Tensor
     ranks: torch.Tensor
     group_ids: torch.Tensor
 
     @property
     def attention_mask(self) -> torch.Tensor:
-        """[G, 1, T, T] bool: causal, within the prompt and the token's own completion."""
-        return segment_attention_mask(self.segment_ids)
+        """[G, 1, T, T] bool: causal, within the token's prompt and its own completion."""
+        return segment_attention_mask(self.segment_ids, self.prompt_ids)
 
     @property
     def num_tokens(self) -> int:
         return int((self.segment_ids >= 0).sum())
+
+    @property
+    def num_prompts(self) -> int:
+        """Rankings in the batch (a row may hold several)."""
+        return int(self.group_ids.unique().numel())
 
 
 @dataclasses.dataclass
@@ -161,38 +169,68 @@ def encode_comparisons(tokenizer, comps: Sequence[Comparison], limits: TokenLimi
     return out, filtered
 
 
-def segment_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """[G, 1, T, T] bool from [G, T] segment ids (see `RankingBatch`).
+def segment_attention_mask(segment_ids: torch.Tensor, prompt_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[G, 1, T, T] bool from [G, T] segment ids (and, for rankings, prompt ids: see `RankingBatch`).
 
-    A query attends to earlier keys of the prompt (segment 0) and of its own
-    segment. Padding attends to itself only, so no row of the softmax is empty.
+    A query attends to earlier keys of its own segment and of the prompt its segment
+    answers. Padding attends to itself only, so no row of the softmax is empty.
     """
     t = segment_ids.shape[-1]
     causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
     query, key = segment_ids[:, :, None], segment_ids[:, None, :]
-    same = ((key == 0) | (key == query)) & (key >= 0) & (query >= 0)
+    same = key == query
+    if prompt_ids is not None:
+        same = same | (key == prompt_ids[:, :, None])
+    same = same & (key >= 0) & (query >= 0)
     return ((causal & same) | torch.eye(t, dtype=torch.bool, device=segment_ids.device))[:, None]
 
 
+def first_fit(widths: Sequence[int], width: int) -> list[list[int]]:
+    """Indices packed into rows of `width`, longest first, each into the first row with room."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for j in sorted(range(len(widths)), key=lambda j: -widths[j]):
+        r = next((r for r, free in enumerate(room) if widths[j] <= free), None)
+        if r is None:
+            rows.append([])
+            room.append(width)
+            r = len(rows) - 1
+        rows[r].append(j)
+        room[r] -= widths[j]
+    return rows
+
+
 def collate_rankings(groups: Sequence[EncodedRanking], pad_id: int) -> RankingBatch:
-    """One packed row per prompt: K completions scored, all C(K, 2) pairs from them."""
-    rows, segments, positions, score_index, ranks, group_ids = [], [], [], [], [], []
-    width = max(len(g.prompt) + sum(map(len, g.responses)) for g in groups)
-    for g, group in enumerate(groups):
-        row, seg, pos = list(group.prompt), [0] * len(group.prompt), list(range(len(group.prompt)))
-        for i, (response, rank) in enumerate(zip(group.responses, group.ranks), start=1):
-            row += response
-            seg += [i] * len(response)
-            pos += range(len(group.prompt), len(group.prompt) + len(response))
-            score_index.append(g * width + len(row) - 1)
-            ranks.append(rank)
-            group_ids.append(g)
-        pad = width - len(row)
-        rows.append(row + [pad_id] * pad)
-        segments.append(seg + [-1] * pad)
-        positions.append(pos + [0] * pad)
-    return RankingBatch(torch.tensor(rows), torch.tensor(positions), torch.tensor(segments),
-                        torch.tensor(score_index), torch.tensor(ranks), torch.tensor(group_ids))
+    """Rankings packed into rows as wide as the widest: K completions scored, all C(K, 2) pairs from them.
+
+    A row holds as many whole rankings as fit (`first_fit`), so short rankings no longer
+    pad to the longest; each completion still sees only its prompt and itself.
+    """
+    widths = [len(g.prompt) + sum(map(len, g.responses)) for g in groups]
+    width = max(widths)
+    ids, pos, seg, prm, ends = [], [], [], [], {}
+    for r, members in enumerate(first_fit(widths, width)):
+        row_ids, row_pos, row_seg, row_prm, base = [], [], [], [], 0
+        for j in members:
+            group, p = groups[j], len(groups[j].prompt)
+            for i, tokens in enumerate([group.prompt, *group.responses]):
+                start = 0 if i == 0 else p  # positions restart after the prompt for every completion
+                row_ids += tokens
+                row_pos += range(start, start + len(tokens))
+                row_seg += [base + i] * len(tokens)
+                row_prm += [base] * len(tokens)
+                if i:
+                    ends.setdefault(j, []).append(r * width + len(row_ids) - 1)
+            base += len(group.responses) + 1
+        pad = width - len(row_ids)
+        ids.append(row_ids + [pad_id] * pad)
+        pos.append(row_pos + [0] * pad)
+        seg.append(row_seg + [-1] * pad)
+        prm.append(row_prm + [-1] * pad)
+    score_index = [e for j in range(len(groups)) for e in ends[j]]
+    ranks = [rank for g in groups for rank in g.ranks]
+    group_ids = [j for j, g in enumerate(groups) for _ in g.responses]
+    return RankingBatch(*map(torch.tensor, (ids, pos, seg, prm, score_index, ranks, group_ids)))
 
 
 def pack_lm(encoded: Sequence[tuple[list[int], list[int]]], blocks: torch.Tensor, pad_id: int
@@ -204,12 +242,7 @@ def pack_lm(encoded: Sequence[tuple[list[int], list[int]]], blocks: torch.Tensor
     across a boundary. Block tokens are `ptx_mask` targets.
     """
     width = max([len(ids) for ids, _ in encoded] + [blocks.shape[1] if len(blocks) else 0])
-    rows: list[list[tuple[list[int], list[int]]]] = []
-    for seq in sorted(encoded, key=lambda e: -len(e[0])):
-        row = next((r for r in rows if sum(len(ids) for ids, _ in r) + len(seq[0]) <= width), None)
-        if row is None:
-            rows.append(row := [])
-        row.append(seq)
+    rows = [[encoded[j] for j in row] for row in first_fit([len(ids) for ids, _ in encoded], width)]
     rows += [[(b.tolist(), [1] * len(b))] for b in blocks]
     n = len(rows)
     ids = torch.full((n, width), pad_id, dtype=torch.long)

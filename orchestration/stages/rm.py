@@ -4,8 +4,8 @@ Initialised from the SFT model (or `model.reward`) with its unembedding
 replaced by a scalar head, and `rm.added_layers` identity blocks on top
 (`rlhf.deepen`). A batch is `rm.batch_size` prompts, each with all its K
 completions: one score per completion, all C(K, 2) pairs of a prompt scored from them (`rlhf.losses.rm_ranking_loss`). A prompt and its K
-completions are one packed row (`rlhf.collate.collate_rankings`): the same
-scores as K forward passes, with the prompt computed once. One epoch, cosine to
+completions are packed together, several rankings to a row (`rlhf.collate.collate_rankings`):
+the same scores as K forward passes, with the prompt computed once. One epoch, cosine to
 10%. Validation: pairwise accuracy on held-out rankings (the labelers' noisy
 ones and, for the synthetic task, the gold labeler's noiseless ones). Last,
 the bias that makes held-out labeler demonstrations score 0 on average.
@@ -152,11 +152,11 @@ def train_loop(ctx: harness.WorkerContext, init: str) -> dict:
 
             def part_loss(batch: RankingBatch):  # its prompts' share of the global batch's
                 loss, stats = rm_ranking_loss(rm_scores(model, batch), batch.ranks, batch.group_ids)
-                n = len(batch.input_ids)
+                n = batch.num_prompts
                 return (loss * global_share(n, prompts_all, ctx.world),
                         (loss.item() * n, stats["accuracy"] * stats["n_pairs"], stats["n_pairs"]))
 
-            sums = trainer.accumulate(parts, part_loss, size=lambda b: len(b.input_ids))
+            sums = trainer.accumulate(parts, part_loss, size=lambda b: b.num_prompts)
             loss_all, correct_all, pairs_all = ctx.all_sum([sum(s[i] for s in sums) for i in range(3)])
             lr = trainer.scheduler.get_last_lr()[0]
             grad_norm = trainer.step(cfg.optimizer.max_grad_norm)

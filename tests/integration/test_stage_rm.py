@@ -33,11 +33,13 @@ def test_mixed_k_batch_scores_every_pair_of_each_prompt(tiny_lm, tiny_tokenizer,
                         (" 7", " 8", " 12", " 1 2 3 4 5", " 6"), (0, 2, 4, 3, 1)),
              Comparison("Instruction: sort the words\nInput: b a c\nResponse:",
                         tuple(f" {w}" for w in "a b c;b a c;a b;c b a;a;a b c c;x y z;cup;a c b".split(";")),
-                        (0, 3, 2, 5, 6, 1, 8, 7, 4))]
+                        (0, 3, 2, 5, 6, 1, 8, 7, 4)),
+             Comparison("Instruction: first word\nInput: a b\nResponse:", (" a", " b"), (0, 1))]
     groups, dropped = encode_comparisons(tiny_tokenizer, comps, LIMITS)
-    assert dropped == 0 and [len(g) for g in groups] == [2, 5, 9]
+    assert dropped == 0 and [len(g) for g in groups] == [2, 5, 9, 2]
     batch = collate_rankings(groups, tiny_tokenizer.pad_token_id)
-    assert batch.input_ids.shape[0] == 3 and len(batch.score_index) == 16  # one packed row per prompt
+    # each prompt once; the short rankings share rows beside the others
+    assert batch.input_ids.shape[0] < 4 and len(batch.score_index) == 18
     with torch.no_grad():
         scores = rm.rm_scores(model, batch)
         loss, stats = rm_ranking_loss(scores, batch.ranks, batch.group_ids)
@@ -49,8 +51,8 @@ def test_mixed_k_batch_scores_every_pair_of_each_prompt(tiny_lm, tiny_tokenizer,
         pairs = [(w, l) for w, l in itertools.permutations(range(c.k), 2) if c.ranks[w] < c.ranks[l]]
         assert len(pairs) == c.k * (c.k - 1) // 2  # all C(K, 2) pairs
         per_prompt.append(sum(-F.logsigmoid(torch.tensor(s[w] - s[l])) for w, l in pairs) / len(pairs))
-    assert float(loss) == pytest.approx(float(sum(per_prompt) / 3), rel=1e-5)
-    assert stats["n_pairs"] == 1 + 10 + 36
+    assert float(loss) == pytest.approx(float(sum(per_prompt) / 4), rel=1e-5)
+    assert stats["n_pairs"] == 1 + 10 + 36 + 1
 
 
 def _pair_accuracy(model, tok, comparisons) -> float:
