@@ -11,6 +11,8 @@ import os
 
 import torch
 
+import rlhf
+
 
 def assigned_cpus() -> float | None:
     """The CPU share Ray granted the current actor; None outside a Ray worker."""
@@ -64,8 +66,8 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 # that spin while they wait steal the cores the others compute on; passive ones sleep.
 # Read when the process loads OpenMP, so it goes in the actor's environment, not in
 # configure_threads (bench/ppo_iteration.py, tiny: 4.62 -> 3.80 s per iteration).
-# INSTRUCTRAY_WORKER: rlhf/__init__.py skips an import no worker of ours uses.
-WORKER_ENV = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), "INSTRUCTRAY_WORKER": "1"}
+# With rlhf.WORKER_ENV: rlhf/__init__.py skips an import no worker of ours uses.
+WORKER_ENV = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")} | rlhf.WORKER_ENV
 
 
 def actor_class(cls: type, num_cpus: float = 1.0, num_gpus: float = 0.0, **options):

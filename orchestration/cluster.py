@@ -6,12 +6,13 @@ import os
 
 import ray
 
+import rlhf
 from rlhf.config import Config
 
 log = logging.getLogger(__name__)
 # The actors' working environment: no hub access, quiet tokenizers.
 ACTOR_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
-WORKER_ONLY_ENV = {"INSTRUCTRAY_WORKER": "1"}  # not the driver's: see rlhf/__init__.py
+WORKER_ONLY_ENV = rlhf.WORKER_ENV  # not the driver's: see rlhf/__init__.py
 
 
 def connect(cfg: Config) -> None:

@@ -71,8 +71,7 @@ class RankingBatch(TensorBatch):
 class PackedLMBatch(TensorBatch):
     """Sequences packed several to a row ([B, T] fields), each attending to itself only.
 
-    segment_ids: i >= 1 for a row's i-th sequence, -1 for padding (segment 0, a shared
-    prompt in `RankingBatch`, is never used). Two target masks, so one forward serves
+    segment_ids: i >= 1 for a row's i-th sequence, -1 for padding. Two target masks, so one forward serves
     both parts of SFT's mixed batch: demonstration responses and pretraining text.
     """
     input_ids: torch.Tensor
