@@ -71,8 +71,8 @@ class RankingBatch(TensorBatch):
 class PackedLMBatch(TensorBatch):
     """Sequences packed several to a row ([B, T] fields), each attending to itself only.
 
-    segment_ids: i >= 1 for a row's i-th sequence, -1 for padding. Two target masks, so one forward serves
-    both parts of SFT's mixed batch: demonstration responses and pretraining text.
+    segment_ids: i >= 1 for a row's i-th sequence, -1 for padding. Two target masks, so one
+    forward serves both parts of SFT's mixed batch: demonstration responses and pretraining text.
     """
     input_ids: torch.Tensor
     position_ids: torch.Tensor
