@@ -21,14 +21,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import print_table, write_results  # noqa: E402
+from orchestration.rundir import read_metrics  # noqa: E402
 
 LOOPS = {"pretrain": ["pretrain"], "sft": ["sft"], "rm": ["rm"], "ppo": ["ppo", "ppo_noptx"]}
 
 
 def loop_seconds(metrics: Path) -> float:
-    """Span of the training rows' time stamps plus one mean step (the first row is logged after it)."""
-    stamps = sorted(row["time"] for row in map(json.loads, metrics.read_text().splitlines())
-                    if "time" in row and "val_loss" not in row)
+    """Span of the training steps' time stamps plus one mean step (the first row is logged after it).
+
+    Steps are the rows with a training `loss`; validation rows (pretraining's, SFT's, the RM's
+    per-epoch accuracies) are not steps.
+    """
+    stamps = sorted(row["time"] for row in read_metrics(metrics) if "loss" in row and "time" in row)
     if len(stamps) < 2:
         return 0.0
     span = stamps[-1] - stamps[0]
@@ -40,8 +44,7 @@ def breakdown(run: Path) -> list[dict]:
              if isinstance(rec, dict) and "wall_s" in rec}
     rows = []
     for stage, wall in walls.items():
-        loop = sum(loop_seconds(run / d / "metrics.jsonl") for d in LOOPS.get(stage, [])
-                   if (run / d / "metrics.jsonl").exists())
+        loop = sum(loop_seconds(run / d / "metrics.jsonl") for d in LOOPS.get(stage, []))
         rows.append({"run": str(run), "stage": stage, "wall_s": wall, "loop_s": loop, "rest_s": wall - loop})
     total = {k: sum(r[k] for r in rows) for k in ("wall_s", "loop_s", "rest_s")}
     rows.append({"run": str(run), "stage": "total", **total})
