@@ -20,7 +20,10 @@ Where the time goes, and what this file does about it (bench/generation.py):
 - rows that finished are dropped from the batch (and the cache) once a quarter
   of the live rows are done, so long tails do not pay for short rows;
 - the LM head runs on the last position only (`logits_to_keep=1`), also in the
-  prompt pass, and the attention mask is one preallocated tensor, sliced.
+  prompt pass, and the attention mask is one preallocated tensor, sliced;
+- models on sdpa are switched to `rlhf.decode_attention`: sdpa everywhere except the
+  one-query steps, where two matmuls beat the CPU's fused kernel; their steps also
+  get a ready additive mask, sliced, so transformers builds none per step.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from rlhf import decode_attention
 from rlhf.logprobs import RawLogprobs
 from rlhf.models import position_ids_from_mask
 
@@ -195,6 +199,7 @@ class Decoding:
             raise ValueError(f"{len(generators)} generators for {n} prompts")
         if top_logprobs is not None and len(top_logprobs) != n:
             raise ValueError(f"{len(top_logprobs)} top_logprobs for {n} prompts")
+        self.ready_mask = decode_attention.use_for_decoding(model)
         self.model, self.eos_id = model, eos_id
         self.device = next(model.parameters()).device
         ids, mask = left_pad(prompts, pad_id)
@@ -234,6 +239,12 @@ class Decoding:
         # The live rows' attention mask over prompt + response, grown by slicing.
         attn = torch.zeros((batch, width + self.max_steps), dtype=torch.long, device=device)
         attn[:, :width] = mask
+        # The same as an additive [B, 1, 1, L] mask for the one-query steps (0 attended, -inf not).
+        bias = None
+        if self.ready_mask:
+            dtype = next(model.parameters()).dtype
+            bias = torch.full((batch, 1, 1, width + self.max_steps), float("-inf"), dtype=dtype, device=device)
+            bias[:, 0, 0, :width].masked_fill_(mask.bool(), 0.0)
         rows = torch.arange(batch, device=device)  # original row of each cache row
         live = self.limits > 0  # cache rows still sampling
         limits, temperature, top_p, gens = self.limits, self.temperature, self.top_p, self.generators
@@ -243,7 +254,8 @@ class Decoding:
         last_only = _last_logits_only(model)
         for t in range(self.max_steps):
             length = width + t
-            logits = model(input_ids=step_ids, attention_mask=attn[:, :length], position_ids=step_pos,
+            step_mask = attn[:, :length] if t == 0 or bias is None else bias[..., :length]
+            logits = model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos,
                            past_key_values=cache, use_cache=True, **last_only).logits[:, -1]
             uniform = None if gens is None else self._uniforms(gens, live.tolist())
             token, logp = _draw(logits, temperature, top_p, self.generator, uniform)
@@ -254,6 +266,8 @@ class Decoding:
             yield Step(t, rows[live], token[live], logp[live], raw_rows, raw)
             # The EOS itself is attended (it is a response token); rows that ended before are not.
             attn[:, length] = live.long()
+            if bias is not None:
+                bias[:, 0, 0, length].masked_fill_(live, 0.0)
             live = live & (token != self.eos_id) & (limits > t + 1)
             if self._finished:
                 live &= ~torch.isin(rows, torch.tensor(sorted(self._finished), device=device))
@@ -266,6 +280,7 @@ class Decoding:
                 for layer in cache.layers:
                     layer.batch_select_indices(keep)
                 attn, rows, live, next_pos, token = attn[keep], rows[keep], live[keep], next_pos[keep], token[keep]
+                bias = bias[keep] if bias is not None else None
                 limits = limits[keep]
                 temperature = temperature[keep] if isinstance(temperature, torch.Tensor) else temperature
                 top_p = top_p[keep] if isinstance(top_p, torch.Tensor) else top_p
