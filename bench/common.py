@@ -88,6 +88,18 @@ def best_of(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     return best, out
 
 
+def best_of_alternating(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, object]]:
+    """`best_of` for several contenders, taking turns call by call: a slow spell of a shared
+    machine then lands on all of them, not on whichever happened to run in it."""
+    best = {name: (float("inf"), None) for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            out = fn()
+            best[name] = (min(best[name][0], time.perf_counter() - start), out)
+    return best
+
+
 # ---------------------------------------------------------------- models and data
 
 
