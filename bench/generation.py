@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, shape, new_tokens, batches in (QUICK if args.quick else CASES):
-            for i, batch in enumerate(batches):
+            for batch in batches:
                 rows.append(run_case(name, shape, new_tokens, batch, 1 if args.quick else args.repeats, Path(tmp)))
                 print_table("generation (so far)", rows[-1:], [k for k in rows[-1] if k != "profile"])
     cols = ["preset", "params_M", "batch", "new_tokens", "tokens", "ours_tok_s", "hf_generate_tok_s", "speedup",
