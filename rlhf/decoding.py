@@ -236,15 +236,15 @@ class Decoding:
         model, device, ids, mask = self.model, self.device, self.prompt_ids, self.prompt_mask
         batch, width = ids.shape
         cache = Cache(layers=[GrowingKV(width + self.max_steps) for _ in range(_num_layers(model))])
-        # The live rows' attention mask over prompt + response, grown by slicing.
-        attn = torch.zeros((batch, width + self.max_steps), dtype=torch.long, device=device)
-        attn[:, :width] = mask
-        # The same as an additive [B, 1, 1, L] mask for the one-query steps (0 attended, -inf not).
-        bias = None
+        # The live rows' attention mask over prompt + response for the steps after the prompt
+        # pass, grown by slicing: ready as an additive [B, 1, 1, L] mask for models on
+        # rlhf.decode_attention, else 0/1 [B, L] for transformers to expand each step.
         if self.ready_mask:
-            dtype = next(model.parameters()).dtype
-            bias = torch.full((batch, 1, 1, width + self.max_steps), float("-inf"), dtype=dtype, device=device)
-            bias[:, 0, 0, :width].masked_fill_(mask.bool(), 0.0)
+            shape, dtype, attend, ignore = (batch, 1, 1), next(model.parameters()).dtype, 0.0, float("-inf")
+        else:
+            shape, dtype, attend, ignore = (batch,), torch.long, 1, 0
+        attn = torch.full((*shape, width + self.max_steps), ignore, dtype=dtype, device=device)
+        attn.view(batch, -1)[:, :width].masked_fill_(mask.bool(), attend)
         rows = torch.arange(batch, device=device)  # original row of each cache row
         live = self.limits > 0  # cache rows still sampling
         limits, temperature, top_p, gens = self.limits, self.temperature, self.top_p, self.generators
@@ -254,9 +254,9 @@ class Decoding:
         last_only = _last_logits_only(model)
         for t in range(self.max_steps):
             length = width + t
-            step_mask = attn[:, :length] if t == 0 or bias is None else bias[..., :length]
-            logits = model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos,
-                           past_key_values=cache, use_cache=True, **last_only).logits[:, -1]
+            logits = model(input_ids=step_ids, attention_mask=mask if t == 0 else attn[..., :length],
+                           position_ids=step_pos, past_key_values=cache, use_cache=True,
+                           **last_only).logits[:, -1]
             uniform = None if gens is None else self._uniforms(gens, live.tolist())
             token, logp = _draw(logits, temperature, top_p, self.generator, uniform)
             raw_rows = raw = None
@@ -265,9 +265,7 @@ class Decoding:
                 raw_rows, raw = rows[ask], RawLogprobs.of(logits[ask], token[ask], self.raw_k)
             yield Step(t, rows[live], token[live], logp[live], raw_rows, raw)
             # The EOS itself is attended (it is a response token); rows that ended before are not.
-            attn[:, length] = live.long()
-            if bias is not None:
-                bias[:, 0, 0, length].masked_fill_(live, 0.0)
+            attn.view(len(rows), -1)[:, length].masked_fill_(live, attend)
             live = live & (token != self.eos_id) & (limits > t + 1)
             if self._finished:
                 live &= ~torch.isin(rows, torch.tensor(sorted(self._finished), device=device))
@@ -280,7 +278,6 @@ class Decoding:
                 for layer in cache.layers:
                     layer.batch_select_indices(keep)
                 attn, rows, live, next_pos, token = attn[keep], rows[keep], live[keep], next_pos[keep], token[keep]
-                bias = bias[keep] if bias is not None else None
                 limits = limits[keep]
                 temperature = temperature[keep] if isinstance(temperature, torch.Tensor) else temperature
                 top_p = top_p[keep] if isinstance(top_p, torch.Tensor) else top_p
