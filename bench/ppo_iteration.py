@@ -1,6 +1,6 @@
 """PPO iteration: the Ray system against the plain single-process loop, in the same run.
 
-    .venv/bin/python bench/ppo_iteration.py [--quick] [--presets tiny small]
+    .venv/bin/python bench/ppo_iteration.py [--quick] [--presets tiny small] [--iterations N]
 
 For each preset (configs/tiny.yaml, configs/small.yaml): untrained policy and RM
 of the preset's shape (bench.common.build_models, EOS made unreachable so every
@@ -129,12 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small batches, 1 iteration")
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--iterations", type=int, help="measured iterations per system "
+                        f"(default {ITERATIONS}); more average out a noisy machine")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     rows = []
     for preset in args.presets:
-        iterations = 1 if args.quick else ITERATIONS.get(preset, 2)
+        iterations = 1 if args.quick else args.iterations or ITERATIONS.get(preset, 2)
         rows += bench_preset(preset, QUICK.get(preset, []) if args.quick else [], iterations)
     print_table("PPO iteration: seconds per phase (mean over measured iterations)", rows,
                 ["preset", "system", "params_M", "episodes", "tokens"] + [f"{p}_s" for p in PHASES]
