@@ -1,6 +1,4 @@
-"""Rollouts sampled ahead of the learners: the next batch is in flight while they train.
-
-Asynchronous (`ppo.async_rollouts`):
+"""Asynchronous rollouts (`ppo.async_rollouts`): batches sampled ahead of the learners.
 
     iteration k:  take rollout k (sampled with v_{k-s}, 1 <= s <= max_staleness after the first)
                   publish v_k; queue on every generator: install v_k, then sample rollout k + N
@@ -10,14 +8,9 @@ N = `ppo.max_staleness` batches are in flight, so the learners never wait for sa
 once it is faster than learning, and a rollout is at most N versions older than the
 learner that trains on it (the learner refuses anything older). Installing before
 sampling, in the generator's own queue, means the driver never waits for idle
-generators to sync them.
+generators to sync them. Rollout j always takes the j-th batch of prompts and the seed
+of iteration j, as in the synchronous loop.
 
-Synchronous (the paper's loop): rollout k + 1 is launched once v_{k+1} is on every
-generator, at the end of iteration k, so its sampling runs beside the critic's update
-on batch k (orchestration/ppo/trainer.py); it is sampled with the weights the learners
-then train, exactly as if it were sampled at the start of iteration k + 1.
-
-Either way rollout j takes the j-th batch of prompts and the seed of iteration j.
 A checkpoint waits for the batches in flight and stores them (the weights that sampled
 them are not in it), so a resumed run trains on exactly the rollouts the uninterrupted
 one did.
@@ -47,20 +40,16 @@ class _Ahead:
         sampled with v."""
         if self._done is None:
             rollout, loaded = self._sampling.result()
-            sync = self._published.verify(lambda: loaded) if self._published is not None else {}
-            self._done = rollout, sync, list(generators.passes)
+            self._done = rollout, self._published.verify(lambda: loaded), list(generators.passes)
             self._sampling = self._published = None  # the published weights may go
         return self._done
 
 
 class RolloutsAhead:
-    """`publishes`: asynchronous (each launch installs published weights first); otherwise the
-    generators sample with whatever the last sync gave them."""
-
     def __init__(self, team: ActorTeam, take_prompts: Callable[[], list[str]], seed: int,
-                 depth: int, iterations: int, publishes: bool = True):
+                 depth: int, iterations: int):
         self.team, self.take_prompts, self.seed = team, take_prompts, seed
-        self.depth, self.iterations, self.publishes = depth, iterations, publishes
+        self.depth, self.iterations = depth, iterations
         self.queue: deque[_Ahead] = deque()
         self.next = 0  # the next rollout to launch
         self.published = None  # the weights of the latest launch (v_k after fill(k); the probe's)
@@ -83,17 +72,12 @@ class RolloutsAhead:
         while self.next <= min(k + self.depth, self.iterations - 1):
             self._launch()
 
-    def launch_next(self) -> None:
-        """Synchronous: rollout k + 1 with the weights just synced (none after the last iteration)."""
-        if self.next < self.iterations:
-            self._launch()
-
     def _launch(self) -> None:
         j = self.next
-        if self.publishes and self.published is None:  # nothing ahead yet: the current weights
+        if self.published is None:  # nothing ahead yet: the current weights
             self.published = self.team.publish()
         sampling = self.team.generators.submit(self.take_prompts(), seed=derive_seed(self.seed, "rollout", j),
-                                               install=self.published.ref if self.publishes else None)
+                                               install=self.published.ref)
         self.queue.append(_Ahead(j, sampling, self.published))
         self.next += 1
 

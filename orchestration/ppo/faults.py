@@ -98,16 +98,13 @@ class FaultHandler:
         if completed > self._best:
             self._best, self._since_progress = completed, 0
 
-    def recover(self, lost: ActorLost, restart: Callable[[int], Sequence[int] | None]) -> None:
-        """restart(index) until it succeeds; each attempt is one restart of the budget.
-        A restart may replace more actors than the lost one (a group's every rank): it
-        returns their indices, so calls still in flight on any of them are only resubmitted."""
+    def recover(self, lost: ActorLost, restart: Callable[[int], None]) -> None:
+        """restart(index) until it succeeds; each attempt is one restart of the budget."""
         while True:
             self.spend(lost)
             try:
-                replaced = restart(lost.index)
-                for index in (lost.index,) if replaced is None else replaced:
-                    self.incarnation[(lost.role, index)] += 1
+                restart(lost.index)
+                self.incarnation[(lost.role, lost.index)] += 1
                 return
             except ActorLost as again:  # lost while restarting: the same role again, or another
                 if again.role != lost.role:
@@ -157,8 +154,7 @@ class Pending:
             refs, self._refs = self._refs, None
             return gather(refs if refs is not None else self._start(), self.role, self.indices)
 
-        def replaced(lost: ActorLost) -> bool:  # several calls in flight on one actor (async
-            # rollouts, the critic's queued steps)
+        def replaced(lost: ActorLost) -> bool:  # several calls in flight on one actor (async rollouts)
             key = (lost.role, lost.index)
             return self.faults.incarnation[key] > self._incarnation[key]
         return self.faults.retrying(attempt, replaced)

@@ -171,12 +171,10 @@ class _Group:
     def load_from(self, folder: Path) -> None:
         gather(self.group.call_all("load_checkpoint", str(folder), self.file), self.role)
 
-    def fresh(self) -> range:
-        """Every rank replaced (their indices returned): a gloo/NCCL group with a dead rank is
-        broken for the survivors."""
+    def fresh(self) -> None:
+        """Every rank replaced: a gloo/NCCL group with a dead rank is broken for the survivors."""
         self.group.shutdown()
         self.group = self.make()
-        return range(len(self.group))
 
     def shutdown(self) -> None:
         self.group.shutdown()
@@ -194,8 +192,8 @@ class ShardedScorer(_Group):
     def __call__(self, rollout: Rollout) -> Call:
         return self._forward(self.method, rollout)
 
-    def restart(self, _: int = 0) -> range:
-        return self.fresh()
+    def restart(self, _: int = 0) -> None:
+        self.fresh()
 
 
 class Learners(_Group):
@@ -247,14 +245,12 @@ class Critics(_Group):
             return values
         return finish
 
-    def restart(self, folder: Path | None) -> range:
-        """A fresh group at checkpoint `folder` (None: the RM's weights), then the calls since
-        replayed; returns the ranks replaced (all)."""
-        ranks = self.fresh()
+    def restart(self, folder: Path | None) -> None:
+        """A fresh group at checkpoint `folder` (None: the RM's weights), then the calls since replayed."""
+        self.fresh()
         if folder is not None:
             self.load_from(folder)
         self.calls.replay(self.group, self.role)
-        return ranks
 
     def checkpointed(self) -> None:
         """The checkpoint now holds the critic's state: nothing before it needs replaying."""

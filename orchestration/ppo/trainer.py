@@ -11,11 +11,6 @@
             critic:  clipped value loss step
         broadcast v_{k+1} to every generator; checksums compared
 
-Only batch k+1's scoring needs the critic's update on batch k, so in the synchronous
-loop the critic's steps wait for the policy's, and run beside the sampling of rollout
-k+1, launched right after the broadcast: neither shares the cores with the other, and
-the arithmetic is the paper's loop unchanged (`critic_trails`).
-
 With `ppo.async_rollouts` the rollout of iteration k was sampled ahead, with weights up to
 `ppo.max_staleness` versions old, while the learners trained on earlier batches
 (orchestration/ppo/ahead.py); the policy loss then weighs each token by
@@ -39,7 +34,6 @@ from tqdm import tqdm
 from orchestration.ppo import checkpoints
 from orchestration.ppo.ahead import EMPTY, RolloutsAhead
 from orchestration.ppo.faults import ActorLost, NonFiniteGuard
-from orchestration.ppo.roles import Call
 from orchestration.ppo.observer import Observer
 from orchestration.ppo.streams import BlockStream, Stream
 from orchestration.ppo.team import ActorTeam
@@ -71,17 +65,12 @@ class PPOTrainer:
         self.ptx = BlockStream(inputs.ptx_blocks, seed=derive_seed(self.seed, "ptx"))
         self.iteration = 0
         self.nonfinite = NonFiniteGuard(self.p.max_nonfinite_steps)
-        # Synchronous, the generators idle from the sync to the next rollout: the critic's steps
-        # wait for the policy's and run beside that sampling, so neither shares the cores with the
-        # other. Otherwise (async: the generators sample during learning; colocated: the critic's
-        # GPU memory beside an awake engine) they run beside the policy's.
-        self.critic_trails = not self.p.async_rollouts and not cfg.resources.colocate
-        self._initial_state = self._driver_state(EMPTY)
+        self.ahead: RolloutsAhead | None = None
+        self._initial_state = self._driver_state()
         self.team = ActorTeam(cfg, stage, str(inputs.policy), str(inputs.reward_model), inputs.tokenizer)
-        # the next batches in flight while the learners train (orchestration/ppo/ahead.py)
-        self.ahead = RolloutsAhead(self.team, lambda: self.prompts.take(self.p.batch_size), self.seed,
-                                   self.p.max_staleness if self.p.async_rollouts else 0, cfg.ppo_iterations,
-                                   publishes=self.p.async_rollouts)
+        if self.p.async_rollouts:  # batches sampled while the learners train (orchestration/ppo/ahead.py)
+            self.ahead = RolloutsAhead(self.team, lambda: self.prompts.take(self.p.batch_size), self.seed,
+                                       self.p.max_staleness, cfg.ppo_iterations)
         self.observer = Observer(self.team, inputs.tokenizer, self.seed, self.p.batch_size,
                                  inputs.gold_scorer, inputs.probe_prompts)
 
@@ -89,32 +78,29 @@ class PPOTrainer:
     def step(self, k: int) -> dict:
         """One PPO-ptx iteration; returns its metrics row."""
         team, watch = self.team, self.observer
-        with watch.phase(k, "generate"):  # only the wait for a batch launched before this iteration
+        with watch.phase(k, "generate"):  # async: only the wait for a batch sampled while learning
             rollout = self._rollout(k)
-        watch.probe(k, install=self.ahead.published.ref if self.ahead.published is not None else None)
+        watch.probe(k, install=self.ahead.published.ref if self.ahead is not None else None)
         team.generators.sleep()  # colocated: their GPU memory is the learners' until the sync
         with watch.phase(k, "score"):
             exp, stats = self.score(rollout, k)
         with watch.phase(k, "learn"):
-            policy_stats, critic_steps = self.learn(exp, k)
-        if not self.p.async_rollouts:
+            stats |= self.learn(exp, k)
+        if self.ahead is None:
             with watch.phase(k, "sync"):
                 team.generators.wake(["weights"])  # no KV cache beside the incoming weights
                 team.sync()
                 team.generators.wake()
-            if self.critic_trails:
-                self.ahead.launch_next()  # rollout k+1 with v_{k+1}, sampled beside the critic's steps
-        with watch.phase(k, "learn"):
-            stats |= self.finish_learn(policy_stats, critic_steps)
         return watch.record(k, rollout, stats)
 
     def _rollout(self, k: int) -> Rollout:
-        """Rollout k: launched at the end of iteration k-1 (or now) with v_k; async, taken from
-        the batches sampled ahead, the next ones launched with v_k before the learners start."""
-        rollout, sync = self.ahead.take(k)
-        if self.p.async_rollouts:
-            self.team.last_sync = sync
-            self.ahead.fill(k)
+        """Sampled now with v_k, or (async) taken from the batches sampled ahead, the next
+        ones launched with v_k before the learners start on this one."""
+        if self.ahead is None:
+            return self.team.generators.sample(self.prompts.take(self.p.batch_size),
+                                               seed=derive_seed(self.seed, "rollout", k))
+        rollout, self.team.last_sync = self.ahead.take(k)
+        self.ahead.fill(k)
         return rollout
 
     def score(self, rollout: Rollout, k: int) -> tuple[Experience, dict]:
@@ -129,35 +115,27 @@ class PPOTrainer:
                                       behaviour_weight_cap=self.p.behaviour_weight_cap if staleness else None)
         return exp, stats | {"rollout_staleness": staleness}
 
-    def learn(self, exp: Experience, k: int) -> tuple[list[dict], list[Call]]:
-        """ppo_epochs passes over shuffled minibatches: the policy's steps, and the critic's on the
-        same minibatches, in flight beside them or (`critic_trails`) queued after them."""
+    def learn(self, exp: Experience, k: int) -> dict:
+        """ppo_epochs passes over shuffled minibatches; policy and critic step together."""
         team, p = self.team, self.p
         order = torch.randperm(len(exp), generator=torch.Generator().manual_seed(
             derive_seed(self.seed, "minibatch order", k)))
-        minibatches = [mb for _ in range(p.ppo_epochs) for mb in exp.select(order).split(p.minibatch_size)]
-        critic = [] if self.critic_trails else [team.critics.train(mb) for mb in minibatches]
-        policy_stats = []
-        for mb in minibatches:
-            ptx = (lm_batch(self.ptx.take_blocks(len(mb) * p.ptx_ratio))
-                   if self.ptx_coef > 0 and p.ptx_ratio > 0 else None)
-            policy_stats += team.learners.train(mb, ptx, self.ptx_coef).result()
-            # every rank made the same skip decision (it follows the all-reduced gradient)
-            self.nonfinite.observe("policy", bool(policy_stats[-1]["skipped"]))
-        team.learners.end_iteration().result()  # LR schedule, version
-        if self.critic_trails:
-            critic = [team.critics.train(mb) for mb in minibatches]
-        return policy_stats, critic + [team.critics.end_iteration()]
-
-    def finish_learn(self, policy_stats: list[dict], critic_steps: list[Call]) -> dict:
-        """The critic's steps collected; the iteration's update stats."""
-        critic_stats = []
-        for step in critic_steps[:-1]:
-            critic_stats += step.result()
-            self.nonfinite.observe("critic", bool(critic_stats[-1]["skipped"]))
-        critic_steps[-1].result()
-        return update_stats(policy_stats, critic_stats, len(self.team.learners), len(self.team.critics),
-                            minibatches=len(critic_steps) - 1)
+        policy_stats, critic_stats = [], []
+        for _ in range(p.ppo_epochs):
+            for mb in exp.select(order).split(p.minibatch_size):
+                ptx = (lm_batch(self.ptx.take_blocks(len(mb) * p.ptx_ratio))
+                       if self.ptx_coef > 0 and p.ptx_ratio > 0 else None)
+                policy, critic = team.learners.train(mb, ptx, self.ptx_coef), team.critics.train(mb)
+                policy_stats += policy.result()
+                critic_stats += critic.result()
+                # every rank made the same skip decision (it follows the all-reduced gradient)
+                self.nonfinite.observe("policy", bool(policy_stats[-1]["skipped"]))
+                self.nonfinite.observe("critic", bool(critic_stats[-1]["skipped"]))
+        ends = [team.learners.end_iteration(), team.critics.end_iteration()]  # LR schedule, version
+        for end in ends:
+            end.result()
+        return update_stats(policy_stats, critic_stats, len(team.learners), len(team.critics),
+                            minibatches=p.batch_size // p.minibatch_size * p.ppo_epochs)
 
     # ---- the run --------------------------------------------------------------------
     def run(self, resume: bool = False) -> Path:
@@ -225,8 +203,8 @@ class PPOTrainer:
         self._load_driver_state(ckpt.driver)
         log.info("resumed %s at iteration %d", self.stage.path.name, self.iteration)
 
-    def _driver_state(self, ahead: dict | None = None) -> dict:
-        ahead = self.ahead.state_dict() if ahead is None else ahead
+    def _driver_state(self) -> dict:
+        ahead = self.ahead.state_dict() if self.ahead is not None else EMPTY
         return {"iteration": self.iteration, "ahead": ahead, "prompts": self.prompts.state_dict(),
                 "ptx": self.ptx.state_dict(), "torch_rng": torch.get_rng_state(),
                 "nonfinite_in_a_row": self.nonfinite.state_dict()}
@@ -236,7 +214,8 @@ class PPOTrainer:
         self.ptx.load_state_dict(state["ptx"])
         torch.set_rng_state(state["torch_rng"])
         self.nonfinite.load_state_dict(state.get("nonfinite_in_a_row", {}))
-        self.ahead.load_state_dict(state.get("ahead", EMPTY))
+        if self.ahead is not None:
+            self.ahead.load_state_dict(state.get("ahead", EMPTY))
         self.iteration = state["iteration"]
 
     def save_final(self) -> Path:

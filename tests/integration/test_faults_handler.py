@@ -80,21 +80,3 @@ def test_gather_blames_the_dead_rank_not_the_survivors_error(Worker):
     # without a death, a bug is raised as itself, never retried as a fault
     with pytest.raises(ValueError, match="a bug, not a fault"):
         FaultHandler(3, {"critic": lambda i: None}).retrying(lambda: gather([healthy.fail.remote()], "critic"))
-
-
-def test_calls_in_flight_on_a_group_replaced_whole_are_resubmitted_not_restarted_again(Worker):
-    # The critic's queued steps: two calls in flight on both ranks; rank 0 dies, and its
-    # restart replaces the group (the survivor too). The second call then finds rank 1 dead,
-    # but that rank was replaced already: resubmitted, no second restart.
-    group = [Worker.remote(dies=True), Worker.remote(dies=False)]
-
-    def restart(index: int) -> range:
-        for w in group:
-            ray.kill(w)
-        group[:] = [Worker.remote(dies=False), Worker.remote(dies=False)]
-        return range(2)
-    faults = FaultHandler(max_restarts=3, restarters={"critic": restart})
-    first = faults.submit("critic", lambda: [group[0].square.remote(2), group[1].square.remote(3)], [0, 1])
-    second = faults.submit("critic", lambda: [group[1].square.remote(4), group[0].square.remote(5)], [1, 0])
-    assert first.get() == [4, 9] and second.get() == [16, 25]
-    assert [(e["role"], e["index"]) for e in faults.events] == [("critic", 0)]
