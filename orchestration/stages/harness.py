@@ -161,6 +161,7 @@ def seed_worker(seed: int, rank: int) -> None:
 # ---------------------------------------------------------------- running a stage
 
 Loop = Callable[..., dict]
+HEALTH_CHECK_INTERVAL_S = 0.25  # Ray Train's default is 2
 
 
 def prepare_stage_dir(stage: StageDir, resume: bool) -> None:
@@ -186,6 +187,9 @@ def run_stage(cfg: Config, stage_name: str, loop: Loop, num_workers: int,
 
     if not ray.is_initialized():
         ray.init(num_cpus=int(cfg.resources.num_cpus) if cfg.resources.num_cpus else None)
+    # Ray Train's controller polls its workers every 2 s and takes two polls to see a loop's
+    # end: 2.0-2.8 s of every stage; at 0.25 s, 0.2-0.4 s. fit() hands this to the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))
     gpu = use_gpu(cfg)
     cpus = cfg.resources.num_cpus or ray.cluster_resources().get("CPU", 1.0)
     per_worker = max(cpus / num_workers, 1.0) if not gpu else 1.0
