@@ -14,8 +14,9 @@ same prompts, batch, minibatch, response length, one PPO epoch, 2 threads, no pt
 What differs in the work (kept, not matched): TRL takes the rollout's logprobs from
 `generate()`'s scores and steps policy and value with one backward; ours scores the
 rollout with a separate forward pass and trains policy and critic in their own actors.
-Prints episodes/s of both and the ratio; writes bench/results/peer_trl.json. `--profile`
-also runs TRL once under torch's profiler: the share of its time in matrix products, the
+Prints episodes/s of both, the ratio, and each side's seconds per phase (generate, score,
+learn; TRL's from marks around the functions its loop calls, bench/peer_trl_run.py);
+writes bench/results/peer_trl.json. `--profile` also runs TRL once under torch's profiler: the share of its time in matrix products, the
 part no implementation of the same passes can skip, bounds any speed-up over it at
 1 / share (the profiler slows the small ops more, so the true bound is lower still).
 """
@@ -35,6 +36,7 @@ sys.path.insert(0, str(REPO))
 from bench.common import build_models, load_average, print_table, ptx_blocks, synthetic_prompts, write_results  # noqa: E402
 from bench.ppo_iteration import ITERATIONS, QUICK, run_ours  # noqa: E402
 
+PHASES = ("generate_s", "score_s", "learn_s")  # seconds per iteration in each phase, both sides
 VENV = REPO / "bench" / ".venv-trl"
 TRL = "trl==0.24.0"
 
@@ -87,15 +89,15 @@ def bench_preset(preset: str, overrides: list[str], iterations: int, profile: bo
               f"{cfg.ppo.minibatch_size}, {cfg.model.max_response_tokens} response tokens; load {load_average()}")
         load = load_average()
         trl = run_trl(cfg, models.policy, ids, iterations, threads=2)
-        trl_row = shape | {"system": f"TRL {trl['trl_version']} PPOTrainer", "s_per_iteration": trl["s_per_iteration"],
-                           "episodes_per_s": trl["episodes_per_s"], "load_before": load}
+        trl_row = shape | {"system": f"TRL {trl['trl_version']} PPOTrainer", "load_before": load} | {
+            k: trl[k] for k in ("s_per_iteration", "episodes_per_s", *PHASES)}
         if profile:
             prof = run_trl(cfg, models.policy, ids, iterations, threads=2, profile=True)
             trl_row |= {"matmul_share": prof["matmul_share"], "speedup_bound": 1 / prof["matmul_share"]}
         load = load_average()
         ours = run_ours(cfg, models, prompts, ptx_blocks(models.tokenizer, 32), iterations, Path(tmp))
-        ours_row = shape | {"system": "ours (Ray)", "s_per_iteration": ours["s_per_iteration"],
-                            "episodes_per_s": ours["episodes_per_s"], "load_before": load}
+        ours_row = shape | {"system": "ours (Ray)", "load_before": load} | {
+            k: ours[k] for k in ("s_per_iteration", "episodes_per_s", *PHASES)}
         for row in (trl_row, ours_row):
             row["vs_trl"] = row["episodes_per_s"] / trl_row["episodes_per_s"]
             row["load_after"] = load_average()
@@ -113,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         iterations = 1 if args.quick else ITERATIONS.get(preset, 2)
         rows += bench_preset(preset, QUICK.get(preset, []) if args.quick else [], iterations, args.profile)
     print_table("PPO without ptx: ours against TRL's PPOTrainer (same shapes, 2 threads)", rows,
-                ["preset", "system", "params_M", "episodes", "minibatch", "response_tokens", "s_per_iteration",
-                 "episodes_per_s", "vs_trl", *(["matmul_share", "speedup_bound"] if args.profile else []),
+                ["preset", "system", "params_M", "episodes", "minibatch", "response_tokens", *PHASES,
+                 "s_per_iteration", "episodes_per_s", "vs_trl", *(["matmul_share", "speedup_bound"] if args.profile else []),
                  "load_before", "load_after"])
     write_results("peer_trl", {"rows": rows, "note": "vs_trl = episodes/s over TRL's, same run; TRL takes "
                                "rollout logprobs from generate() and steps policy and value in one backward"},

@@ -6,7 +6,9 @@ Needs only torch, transformers, datasets and trl (0.24, with its top-level PPOTr
 SPEC: the policy directory, prompt token ids, batch, minibatch, response length,
 iterations and threads. The policy's config makes EOS unreachable, so every
 response has exactly the response length, as on our side. OUT: seconds per iteration
-after the first (a warm-up), and the episodes per second they give. With SPEC's
+after the first (a warm-up), the episodes per second they give, and those iterations'
+mean seconds by phase: generate (`batch_generation`), score (from there to the first training
+forward: the reference, value and reward passes, advantages) and learn (the rest). With SPEC's
 "profile" true, instead the share of the whole `train()` (warm-up included) spent in
 matrix products (self time of aten mm/addmm/bmm/baddbmm and CPU attention kernels):
 any PPO doing the same passes on the same hardware must spend that time too.
@@ -60,14 +62,50 @@ def main(spec_file: str, out_file: str) -> int:
                              train_dataset=data, value_model=value, eval_dataset=data, callbacks=[clock])
         if spec.get("profile"):
             return _profile(trainer, out_file)
+        phases = PhaseClock()
         trainer.train()
     steps = [b - a for a, b in zip(clock.marks, clock.marks[1:])][1:]
     result = {"trl_version": trl.__version__, "s_per_iteration": sum(steps) / len(steps),
               "iterations": len(steps), "episodes": batch,
               "rollout_forward_batch": args.local_rollout_forward_batch_size}
     result["episodes_per_s"] = batch / result["s_per_iteration"]
+    result |= phases.means(clock.marks)
     open(out_file, "w").write(json.dumps(result))
     return 0
+
+
+class PhaseClock:
+    """Phase marks inside TRL's `train()`, through the two module functions it calls by name:
+    `batch_generation` (the rollout) and `forward` (the reference pass, then the training steps)."""
+
+    def __init__(self) -> None:
+        import torch
+        import trl.trainer.ppo_trainer as ppo
+
+        self.gen_start: list[float] = []
+        self.gen_end: list[float] = []
+        self.learn_start: list[float] = []
+        generate, forward = ppo.batch_generation, ppo.forward
+
+        def timed_generate(*args, **kwargs):
+            self.gen_start.append(time.perf_counter())
+            out = generate(*args, **kwargs)
+            self.gen_end.append(time.perf_counter())
+            return out
+
+        def marked_forward(*args, **kwargs):
+            if torch.is_grad_enabled() and len(self.learn_start) < len(self.gen_end):
+                self.learn_start.append(time.perf_counter())  # this iteration's first training forward
+            return forward(*args, **kwargs)
+
+        ppo.batch_generation, ppo.forward = timed_generate, marked_forward
+
+    def means(self, step_ends: list[float]) -> dict:
+        """Mean seconds per phase over the iterations after the warm-up."""
+        rows = list(zip(self.gen_start, self.gen_end, self.learn_start, step_ends[1:]))[1:]
+        n = max(len(rows), 1)
+        return {"generate_s": sum(b - a for a, b, _, _ in rows) / n, "score_s": sum(c - b for _, b, c, _ in rows) / n,
+                "learn_s": sum(d - c for _, _, c, d in rows) / n}
 
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
