@@ -188,7 +188,7 @@ def run_stage(cfg: Config, stage_name: str, loop: Loop, num_workers: int,
     if not ray.is_initialized():
         ray.init(num_cpus=int(cfg.resources.num_cpus) if cfg.resources.num_cpus else None)
     # Ray Train's controller polls its workers every 2 s and takes two polls to see a loop's
-    # end: 2.0-2.8 s of every stage; at 0.25 s, 0.2-0.4 s. fit() hands this to the controller.
+    # end: 2.0-2.8 s of every stage; at 0.25 s, 0.2-1.1 s. fit() hands this to the controller.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))
     gpu = use_gpu(cfg)
     cpus = cfg.resources.num_cpus or ray.cluster_resources().get("CPU", 1.0)
