@@ -16,9 +16,10 @@ What differs in the work (kept, not matched): TRL takes the rollout's logprobs f
 rollout with a separate forward pass and trains policy and critic in their own actors.
 Prints episodes/s of both, the ratio, and each side's seconds per phase (generate, score,
 learn; TRL's from marks around the functions its loop calls, bench/peer_trl_run.py);
-writes bench/results/peer_trl.json. `--profile` also runs TRL once under torch's profiler: the share of its time in matrix products, the
-part no implementation of the same passes can skip, bounds any speed-up over it at
-1 / share (the profiler slows the small ops more, so the true bound is lower still).
+writes bench/results/peer_trl.json. `--profile` also runs TRL once under torch's
+profiler: the share of its time in matrix products, the part no implementation of the
+same passes can skip, bounds any speed-up over it at 1 / share (the profiler slows the
+small ops more, so the true bound is lower still).
 """
 from __future__ import annotations
 

@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import (build_models, load_average, print_table, ptx_blocks, start_local_ray,  # noqa: E402
-                          synthetic_prompts, write_results)
-from bench.ppo_iteration import PHASES, QUICK  # noqa: E402
+from bench.common import load_average, print_table, start_local_ray, write_results  # noqa: E402
+from bench.ppo_iteration import QUICK, TIMED, bench_inputs, warm_trainer  # noqa: E402
 
 
 def overrides(text: str) -> list[str]:
@@ -34,7 +33,6 @@ def overrides(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     import ray
 
-    from orchestration.ppo.trainer import PPOInputs, PPOTrainer
     from orchestration.rundir import StageDir
     from rlhf.config import load_config
 
@@ -48,43 +46,37 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 1 if args.quick else args.rounds
     tmp = Path(tempfile.mkdtemp(prefix="ppo_ab_"))
     base = [f"run.output_dir={tmp}", "resources.num_cpus=2", *(QUICK.get(args.preset, []) if args.quick else [])]
-    cfgs = {"A": load_config(args.preset, base + overrides(args.a)), "B": load_config(args.preset, base + overrides(args.b))}
-    cfg, load = cfgs["A"], load_average()
-    t = cfg.model.tiny
-    models = build_models(tmp / "models", t.vocab_size, t.n_layer, t.n_head, t.n_embd,
-                          t.n_positions or cfg.model.context_length, seed=cfg.run.seed)
-    prompts = synthetic_prompts(models.tokenizer, 4 * cfg.ppo.batch_size, cfg.model.max_prompt_tokens)
-    blocks = ptx_blocks(models.tokenizer, cfg.ppo.ptx_seq_len or cfg.model.context_length)
+    texts = {"A": args.a, "B": args.b}
+    cfgs = {name: load_config(args.preset, base + overrides(text)) for name, text in texts.items()}
+    load = load_average()
+    models, prompts, blocks = bench_inputs(cfgs["A"], tmp / "models")
     start_local_ray(2)
-    inputs = PPOInputs(policy=models.policy, reward_model=models.reward, tokenizer=models.tokenizer,
-                       prompts=prompts, ptx_blocks=blocks)
     trainers = {}
     try:
-        for name, c in cfgs.items():
-            trainers[name] = PPOTrainer(c, StageDir(tmp, f"ppo-{name}"), inputs, ptx_coef=c.ppo.ptx_coef)
-            trainers[name].team.sync()  # v0 to every generator, as PPOTrainer.run does
-            trainers[name].step(0)  # warm-up: actor start-up, first-touch allocations
+        for name, cfg in cfgs.items():
+            trainers[name] = warm_trainer(cfg, models, prompts, blocks, StageDir(tmp, f"ppo-{name}"))
         rows = []
         for k in range(1, rounds + 1):
             for name, trainer in trainers.items():
                 start = time.perf_counter()
                 m = trainer.step(k)
                 rows.append({"round": k, "system": name, "s": time.perf_counter() - start} |
-                            {f"{p}_s": m.get(f"seconds_{p}", 0.0) for p in PHASES if p != "ptx"})
+                            {f"{p}_s": m.get(f"seconds_{p}", 0.0) for p in TIMED})
                 print(f"  round {k} {name}: {rows[-1]['s']:.2f} s", flush=True)
     finally:
         for trainer in trainers.values():
             trainer.shutdown()
         ray.shutdown()
-    means = [{"system": name, "overrides": getattr(args, name.lower()) or "(preset)"} |
-             {key: statistics.mean(r[key] for r in rows if r["system"] == name)
-              for key in ("s", *(f"{p}_s" for p in PHASES if p != "ptx"))} for name in cfgs]
+    columns = ["s", *(f"{p}_s" for p in TIMED)]
+    means = [{"system": name, "overrides": text or "(preset)"} |
+             {key: statistics.mean(r[key] for r in rows if r["system"] == name) for key in columns}
+             for name, text in texts.items()]
     wins = sum(a["s"] > b["s"] for a, b in zip(rows[::2], rows[1::2]))
     means[1]["speedup"] = means[0]["s"] / means[1]["s"]
     means[1]["rounds_B_faster"] = f"{wins}/{rounds}"
-    print_table(f"{args.preset}: seconds per round", rows, ["round", "system", "s", *(f"{p}_s" for p in PHASES if p != "ptx")])
+    print_table(f"{args.preset}: seconds per round", rows, ["round", "system", *columns])
     print_table(f"{args.preset}: means (speedup = A's seconds over B's)", means,
-                ["system", "overrides", "s", *(f"{p}_s" for p in PHASES if p != "ptx"), "speedup", "rounds_B_faster"])
+                ["system", "overrides", *columns, "speedup", "rounds_B_faster"])
     write_results("ppo_ab", {"preset": args.preset, "rounds": rows, "means": means, "load_before": load,
                              "load_after": load_average()}, quick=args.quick)
     return 0

@@ -34,6 +34,7 @@ from bench.common import (build_models, load_average, print_table, ptx_blocks, s
 from bench.plain_loop import PlainPPO  # noqa: E402
 
 PHASES = ["generate", "score", "learn", "ptx", "sync"]
+TIMED = [p for p in PHASES if p != "ptx"]  # a step's own timers (ptx is inside learn)
 ITERATIONS = {"tiny": 3, "small": 2}
 QUICK = {"tiny": ["ppo.batch_size=32", "ppo.minibatch_size=4"],
          "small": ["ppo.batch_size=16", "ppo.minibatch_size=4", "model.max_response_tokens=16"]}
@@ -51,28 +52,49 @@ def summarise(system: str, preset: str, rows: list[dict], ptx_s: float) -> dict:
     return out
 
 
-def run_ours(cfg, models, prompts: list[str], blocks: torch.Tensor, iterations: int, root: Path) -> dict:
-    import ray
+def bench_inputs(cfg, folder: Path) -> tuple:
+    """(models, prompts, ptx blocks) every system here gets: untrained models of cfg's shape
+    (EOS unreachable), synthetic prompts, packed pretraining blocks."""
+    t = cfg.model.tiny
+    models = build_models(folder, t.vocab_size, t.n_layer, t.n_head, t.n_embd,
+                          t.n_positions or cfg.model.context_length, seed=cfg.run.seed)
+    prompts = synthetic_prompts(models.tokenizer, 4 * cfg.ppo.batch_size, cfg.model.max_prompt_tokens)
+    return models, prompts, ptx_blocks(models.tokenizer, cfg.ppo.ptx_seq_len or cfg.model.context_length)
 
+
+def warm_trainer(cfg, models, prompts: list[str], blocks: torch.Tensor, stage):
+    """Our PPOTrainer on these inputs (Ray running), v0 synced and one warm-up iteration done."""
     from orchestration.ppo.trainer import PPOInputs, PPOTrainer
-    from orchestration.rundir import StageDir
 
-    start_local_ray(2)
     inputs = PPOInputs(policy=models.policy, reward_model=models.reward, tokenizer=models.tokenizer,
                        prompts=prompts, ptx_blocks=blocks)
-    system = "ours (Ray, async)" if cfg.ppo.async_rollouts else "ours (Ray)"
-    trainer = PPOTrainer(cfg, StageDir(root, f"ppo-{int(cfg.ppo.async_rollouts)}"), inputs, ptx_coef=cfg.ppo.ptx_coef)
+    trainer = PPOTrainer(cfg, stage, inputs, ptx_coef=cfg.ppo.ptx_coef)
     try:
         trainer.team.sync()  # v0 to every generator, as PPOTrainer.run does
         trainer.step(0)  # warm-up: actor start-up, first-touch allocations
+    except BaseException:
+        trainer.shutdown()
+        raise
+    return trainer
+
+
+def run_ours(cfg, models, prompts: list[str], blocks: torch.Tensor, iterations: int, root: Path) -> dict:
+    import ray
+
+    from orchestration.rundir import StageDir
+
+    start_local_ray(2)
+    system = "ours (Ray, async)" if cfg.ppo.async_rollouts else "ours (Ray)"
+    trainer = warm_trainer(cfg, models, prompts, blocks, StageDir(root, f"ppo-{int(cfg.ppo.async_rollouts)}"))
+    try:
         rows = []
         for k in range(1, iterations + 1):
             m = trainer.step(k)
-            total = sum(m.get(f"seconds_{p}", 0.0) for p in PHASES if p != "ptx")  # async: no sync phase
+            total = sum(m.get(f"seconds_{p}", 0.0) for p in TIMED)  # async: no sync phase
             rows.append(m | {"seconds_total": total, "episodes": cfg.ppo.batch_size,
                              "tokens": round(m["tokens_per_second"] * total)})
             print(f"  {system} {Path(cfg.source).stem} iteration {k}: " + ", ".join(
-                f"{p} {m.get(f'seconds_{p}', 0.0):.2f}s" for p in PHASES if p != "ptx"))
+                f"{p} {m.get(f'seconds_{p}', 0.0):.2f}s" for p in TIMED))
         trainer.ptx_coef = 0.0  # one more iteration without the ptx term: what ptx costs
         no_ptx = trainer.step(iterations + 1)
         ptx_s = statistics.mean(r["seconds_learn"] for r in rows) - no_ptx["seconds_learn"]
@@ -102,11 +124,7 @@ def bench_preset(preset: str, overrides: list[str], iterations: int) -> list[dic
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(preset, [f"run.output_dir={tmp}", "resources.num_cpus=2", *overrides])
-        t = cfg.model.tiny
-        models = build_models(Path(tmp) / "models", t.vocab_size, t.n_layer, t.n_head, t.n_embd,
-                              t.n_positions or cfg.model.context_length, seed=cfg.run.seed)
-        prompts = synthetic_prompts(models.tokenizer, 4 * cfg.ppo.batch_size, cfg.model.max_prompt_tokens)
-        blocks = ptx_blocks(models.tokenizer, cfg.ppo.ptx_seq_len or cfg.model.context_length)
+        models, prompts, blocks = bench_inputs(cfg, Path(tmp) / "models")
         print(f"{preset}: {models.params / 1e6:.1f}M parameters, batch {cfg.ppo.batch_size}, "
               f"{cfg.model.max_response_tokens} response tokens, {cfg.ppo.num_generators} generator(s), "
               f"{cfg.ppo.num_learners} learner(s); load {load_average()}")
