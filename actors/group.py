@@ -29,6 +29,19 @@ from rlhf.masked import global_share
 from rlhf.sharding import LossScaler, all_sum, local
 
 
+# Elements per piece of a sum of squares: a whole bucket's pow(2) allocated (and page-faulted)
+# a 100 MB temporary, 60 ms a call on the small preset's 26M parameters; in pieces, 10 ms.
+SQ_CHUNK = 1 << 20
+
+
+def sq_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of squares of `t`'s elements, on its device, float64 across pieces (one sync at the end)."""
+    acc = torch.zeros((), dtype=torch.float64, device=t.device)
+    for piece in t.reshape(-1).split(SQ_CHUNK):
+        acc += piece.pow(2).sum()
+    return acc
+
+
 class BucketedGrads:
     """Flat gradient buffers over a model's trainable parameters, allocated once.
 
@@ -62,12 +75,13 @@ class BucketedGrads:
         added = torch.zeros((), dtype=torch.float64, device=self.buffers[0].device)
         for name, grad in self._grads():
             view = self.views[name]
-            added += (grad.float() - view.float()).pow(2).sum()  # stays on device: one sync
+            for new, old in zip(grad.reshape(-1).split(SQ_CHUNK), view.reshape(-1).split(SQ_CHUNK)):
+                added += (new - old).pow_(2).sum()  # stays on device: one sync
             view.copy_(grad)
         return self._over_shards(float(added))
 
     def sq_norm(self) -> float:
-        return self._over_shards(float(sum(b.float().pow(2).sum() for b in self.buffers)))
+        return self._over_shards(float(sum(sq_sum(b) for b in self.buffers)))
 
     def _over_shards(self, local_sum: float) -> float:
         """A sum over this rank's shards made the sum over the whole gradient."""
