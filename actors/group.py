@@ -63,10 +63,9 @@ class BucketedGrads:
         for name, p in self.params:
             yield name, (local(p.grad) if p.grad is not None else torch.zeros_like(local(p)))
 
-    def capture(self) -> float:
-        """Copy the current .grad into the buffers; returns their squared norm."""
+    def capture(self) -> None:
+        """Copy the current .grad into the buffers."""
         pack_into(self.buffers, self.metas, self._grads())
-        return self.sq_norm()
 
     @torch.no_grad()
     def absorb(self) -> float:

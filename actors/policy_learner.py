@@ -127,7 +127,8 @@ class PolicyLearner(Learner):
             stats.update(loss=float(loss.detach()), entropy=float(masked_mean(ent.detach(), part.action_mask)))
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + w * v
-        ppo_sq = self.grads.capture()
+        self.grads.capture()
+        ppo_sq = self.grads.sq_norm()
 
         ptx_loss = float("nan")
         ptx_mb = self.ppo.ptx_micro_batch_size  # None: the ptx rows split into the episodes' pieces
@@ -148,7 +149,7 @@ class PolicyLearner(Learner):
                 lm_sum += w * float(lm.detach())
             ptx_loss = lm_sum if len(b) else float("nan")
         # Measured from the buffers themselves: whatever ptx added, and nothing else.
-        ptx_sq = self.grads.absorb()
+        ptx_sq = self.grads.absorb() if b is not None and coef != 0.0 else 0.0
 
         norm, skipped = self.synced_step(self.grads, self.optimizer, self.opt_cfg.max_grad_norm, self.scaler)
         if not skipped:
