@@ -41,10 +41,12 @@ def pieces(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return flat.split(SQ_CHUNK) if flat.device.type == "cpu" else (flat,)
 
 
-def sq_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of squares of `t`'s elements, on its device, float64 across pieces (one sync at the end)."""
+def sq_sum(t: torch.Tensor, minus: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of squares of `t`'s elements (of `t - minus`'s), on its device, float64 across
+    pieces (one sync at the end, by the caller)."""
     acc = torch.zeros((), dtype=torch.float64, device=t.device)
-    for piece in pieces(t):
+    parts = pieces(t) if minus is None else (a - b for a, b in zip(pieces(t), pieces(minus)))
+    for piece in parts:
         acc += piece.pow(2).sum()
     return acc
 
@@ -81,8 +83,7 @@ class BucketedGrads:
         added = torch.zeros((), dtype=torch.float64, device=self.buffers[0].device)
         for name, grad in self._grads():
             view = self.views[name]
-            for new, old in zip(pieces(grad), pieces(view)):
-                added += (new - old).pow_(2).sum()  # stays on device: one sync
+            added += sq_sum(grad, minus=view)  # stays on device: one sync
             view.copy_(grad)
         return self._over_shards(float(added))
 
