@@ -46,8 +46,8 @@ def sq_sum(t: torch.Tensor, minus: torch.Tensor | None = None) -> torch.Tensor:
     pieces (one sync at the end, by the caller)."""
     acc = torch.zeros((), dtype=torch.float64, device=t.device)
     parts = pieces(t) if minus is None else (a - b for a, b in zip(pieces(t), pieces(minus)))
-    for piece in parts:
-        acc += piece.pow(2).sum()
+    for piece in parts:  # a difference is our own temporary: squared in place, one fewer
+        acc += (piece.pow(2) if minus is None else piece.pow_(2)).sum()
     return acc
 
 
