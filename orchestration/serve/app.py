@@ -16,9 +16,11 @@ sent again to another replica, up to REPLICA_LOST_RETRIES times.
 import hmac
 import logging
 import time
+from contextlib import aclosing, contextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -79,17 +81,50 @@ def _retry_or_raise(lost: RayActorError, attempt: int) -> None:
                 type(lost).__name__, attempt + 1, REPLICA_LOST_RETRIES)
 
 
+@contextmanager
+def _cancel_unless_finished(response):
+    """Cancel the decoder call if the caller stops before its end (a client that left).
+
+    Serve cancels our task when the client disconnects, but not reliably the calls that task
+    made: a decoder call left running decodes its rows to their token limit, and the batch
+    behind it waits (tests/e2e/test_serve_disconnect.py).
+    """
+    finished = False
+    try:
+        yield
+        finished = True
+    except RayActorError:
+        finished = True  # the replica died with the call: nothing left to cancel
+        raise
+    finally:
+        if not finished:
+            response.cancel()
+
+
+class _EventStream(StreamingResponse):
+    """Closes its events when the response ends early. A client that leaves while an event is
+    being sent cancels the response there, and the event generators, left suspended, would be
+    closed (and their decoder call cancelled) only whenever the garbage collector got to them."""
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+
+
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:
     async def guarded() -> AsyncIterator[str]:
-        try:
-            async for event in events:
-                yield event
-        except Exception as e:  # headers are sent: report in-band, as OpenAI does
-            log.exception("stream failed")
-            yield P.sse(P.error_body(f"internal error: {type(e).__name__}", "server_error"))
+        async with aclosing(events):
+            try:
+                async for event in events:
+                    yield event
+            except Exception as e:  # headers are sent: report in-band, as OpenAI does
+                log.exception("stream failed")
+                yield P.sse(P.error_body(f"internal error: {type(e).__name__}", "server_error"))
         yield P.SSE_DONE
-    return StreamingResponse(guarded(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return _EventStream(guarded(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 @serve.deployment(name="instructray")  # admission limits: build_app, from ServeConfig
@@ -213,11 +248,12 @@ class OpenAIServer:
     async def _deltas(self, rows: list[Row]) -> AsyncIterator[list]:
         """The rows' deltas step by step; a lost decoder replica is retried while nothing was sent."""
         for attempt in range(REPLICA_LOST_RETRIES + 1):
-            sent = False
+            sent, response = False, self.decoder.generate.remote(rows)
             try:
-                async for deltas in self.decoder.generate.remote(rows):
-                    sent = True
-                    yield deltas
+                with _cancel_unless_finished(response):
+                    async for deltas in response:
+                        sent = True
+                        yield deltas
                 return
             except RayActorError as e:
                 if sent:  # the client has part of this answer: a new one cannot follow it
@@ -228,22 +264,25 @@ class OpenAIServer:
         """A whole answer, in one reply from the decoder (one message per request, not per token);
         nothing is sent before it is complete, so a lost replica is always retried."""
         for attempt in range(REPLICA_LOST_RETRIES + 1):
+            response = self.whole.complete.remote(rows)
             try:
-                texts, reasons, entries, tokens = await self.whole.complete.remote(rows)
+                with _cancel_unless_finished(response):
+                    texts, reasons, entries, tokens = await response
                 return texts, reasons, entries, _usage(prompts, tokens)
             except RayActorError as e:
                 _retry_or_raise(e, attempt)
 
     async def _stream_completion(self, req, rows, prompts, rid, created) -> AsyncIterator[str]:
         tokens = [0] * len(rows)
-        async for deltas in self._deltas(rows):
-            for i, d in enumerate(deltas):
-                if d is not None and (d.text or d.finish_reason or d.logprobs):
-                    tokens[i] = d.tokens
-                    choice = P.CompletionChoice(index=i, text=d.text, finish_reason=d.finish_reason,
-                                                logprobs=self._completion_logprobs(rows[i], d.logprobs))
-                    yield P.sse(P.CompletionResponse(id=rid, created=created, model=self.model_name,
-                                                     choices=[choice]))
+        async with aclosing(self._deltas(rows)) as steps:  # closed with us: its decoder call cancelled
+            async for deltas in steps:
+                for i, d in enumerate(deltas):
+                    if d is not None and (d.text or d.finish_reason or d.logprobs):
+                        tokens[i] = d.tokens
+                        choice = P.CompletionChoice(index=i, text=d.text, finish_reason=d.finish_reason,
+                                                    logprobs=self._completion_logprobs(rows[i], d.logprobs))
+                        yield P.sse(P.CompletionResponse(id=rid, created=created, model=self.model_name,
+                                                         choices=[choice]))
         if req.stream_options and req.stream_options.include_usage:
             yield P.sse(P.CompletionResponse(id=rid, created=created, model=self.model_name,
                                              choices=[], usage=_usage(prompts, tokens)))
@@ -255,13 +294,14 @@ class OpenAIServer:
         for i in range(len(rows)):
             yield chunk([P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content=""))])
         tokens = [0] * len(rows)
-        async for deltas in self._deltas(rows):
-            for i, d in enumerate(deltas):
-                if d is not None and (d.text or d.finish_reason or d.logprobs):
-                    tokens[i] = d.tokens
-                    delta = P.ChatDelta(content=d.text or None)
-                    yield chunk([P.ChatChunkChoice(index=i, delta=delta, finish_reason=d.finish_reason,
-                                                   logprobs=self._chat_logprobs(rows[i], d.logprobs))])
+        async with aclosing(self._deltas(rows)) as steps:
+            async for deltas in steps:
+                for i, d in enumerate(deltas):
+                    if d is not None and (d.text or d.finish_reason or d.logprobs):
+                        tokens[i] = d.tokens
+                        delta = P.ChatDelta(content=d.text or None)
+                        yield chunk([P.ChatChunkChoice(index=i, delta=delta, finish_reason=d.finish_reason,
+                                                       logprobs=self._chat_logprobs(rows[i], d.logprobs))])
         if req.stream_options and req.stream_options.include_usage:
             yield chunk([], _usage(prompts, tokens))
 
